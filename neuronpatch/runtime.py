@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ from .errors import (
 )
 from .patch import Patch
 
-PatchLike = Union[Patch, str, os.PathLike]
+PatchLike = Patch | str | os.PathLike
 _STATE_ATTR = "_neuronpatch_state"
 
 
