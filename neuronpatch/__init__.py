@@ -2,7 +2,9 @@
 
 from ._version import __version__
 from .arch import supported_model_types
+from .editor import edit
 from .errors import NeuronpatchError
+from .fine import FineHparams, NeuronScore, locate
 from .models import load_model
 from .patch import BaseModelInfo, LayerDelta, Patch
 from .request import EditRequest
@@ -11,15 +13,19 @@ from .runtime import applied, applied_patches, apply, is_merged, merge, remove, 
 __all__ = [
     "BaseModelInfo",
     "EditRequest",
+    "FineHparams",
     "LayerDelta",
+    "NeuronScore",
     "NeuronpatchError",
     "Patch",
     "__version__",
     "applied",
     "applied_patches",
     "apply",
+    "edit",
     "is_merged",
     "load_model",
+    "locate",
     "merge",
     "remove",
     "supported_model_types",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .patch import BaseModelInfo
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,12 @@ def resolve(model: nn.Module) -> ModelArch:
     # Linear: [hidden, inter]; Conv1D: [inter, hidden]
     intermediate, hidden = weight.shape if spec.conv1d else weight.shape[::-1]
     return ModelArch(model_type, spec, w_out, int(hidden), int(intermediate))
+
+
+def base_model_info(model: nn.Module) -> BaseModelInfo:
+    """The identity a patch made on ``model`` records (name, model_type, sizes)."""
+    arch = resolve(model)
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    return BaseModelInfo(
+        name, arch.model_type, arch.num_layers, arch.hidden_size, arch.intermediate_size
+    )

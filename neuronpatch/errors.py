@@ -104,3 +104,7 @@ class ModelLoadError(NeuronpatchError):
 
 class InvalidRequestError(NeuronpatchError, ValueError):
     """An edit request is malformed (subject not in prompt, empty target, ...)."""
+
+
+class InvalidHparamsError(NeuronpatchError, ValueError):
+    """An editing method was given an unknown or out-of-range hyperparameter."""

@@ -40,6 +40,7 @@ _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]{0,5})\.(neuron_indices|deltas)$")
 _FINGERPRINT = "base_fingerprint"
+_DELTA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class Patch:
         for layer, entry in sorted(self.layers.items()):
             if isinstance(entry, tuple):
                 entry = LayerDelta(*entry)
+            dtype = entry.neuron_indices.dtype
+            if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+                raise ShapeMismatchError(
+                    f"{self.source or 'patch'}: layer {layer} neuron_indices must be an "
+                    f"integer tensor, got {dtype}"
+                )
             layers[int(layer)] = LayerDelta(
                 entry.neuron_indices.detach().to("cpu", torch.int64).contiguous(),
                 entry.deltas.detach().to("cpu").contiguous(),
@@ -213,7 +220,8 @@ class Patch:
                 "(its metadata has no format='neuronpatch'); is it model weights?"
             )
         version = meta.get("format_version")
-        if version not in {str(v) for v in SUPPORTED_FORMAT_VERSIONS}:
+        # a list, not a set: a malformed header's version may be unhashable
+        if version not in [str(v) for v in SUPPORTED_FORMAT_VERSIONS]:
             raise FormatVersionError(
                 f"{source} has patch format version {version!r}; this neuronpatch "
                 f"({__version__}) reads versions {list(SUPPORTED_FORMAT_VERSIONS)}. "
@@ -290,10 +298,10 @@ def _validate(patch: Patch) -> None:
             raise ShapeMismatchError(
                 f"{where}: layer {layer} neuron_indices must be 1-D [k], got shape {list(idx.shape)}"
             )
-        if not deltas.is_floating_point() or deltas.dim() != 2:
+        if deltas.dtype not in _DELTA_DTYPES or deltas.dim() != 2:
             raise ShapeMismatchError(
-                f"{where}: layer {layer} deltas must be a float [k, hidden] tensor, "
-                f"got {deltas.dtype} {list(deltas.shape)}"
+                f"{where}: layer {layer} deltas must be a float16/bfloat16/float32/float64 "
+                f"[k, hidden] tensor, got {deltas.dtype} {list(deltas.shape)}"
             )
         if deltas.shape[0] != idx.shape[0]:
             raise ShapeMismatchError(
@@ -361,7 +369,10 @@ def _canonical_header(raw: bytes) -> bytes:
 
 
 def _read_header(data: bytes, source: str) -> dict[str, Any]:
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # Pickle protocol 2-5 or zip (torch.save) magic. A valid length prefix can begin with the
+    # same bytes (the golden patch starts with 0x80), so a JSON header after it wins.
+    magic = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if data[8:9] != b"{" and (magic or data[:4] == b"PK\x03\x04"):
         raise PickleRefusedError(
             f"{source} is a pickle/zip (torch.save) file; neuronpatch never unpickles. "
             "Patches are .safetensors files written by Patch.save"
@@ -382,7 +393,7 @@ def _read_header(data: bytes, source: str) -> dict[str, Any]:
         )
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptPatchError(f"{source} has a corrupted JSON header: {exc}") from None
     if not isinstance(header, dict):
         raise CorruptPatchError(f"{source} has a corrupted header (not a JSON object)")
@@ -395,7 +406,8 @@ def _field(meta: dict[str, Any], name: str, kind: type, source: str) -> Any:
         raise CorruptPatchError(f"{source}: metadata {name!r} is missing")
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        _dumps(value).encode()  # "\ud800" escapes decode to lone surrogates, which cannot be saved
+    except (json.JSONDecodeError, RecursionError, UnicodeEncodeError) as exc:
         raise CorruptPatchError(f"{source}: metadata {name!r} is not valid JSON: {exc}") from None
     if not isinstance(value, kind):
         raise CorruptPatchError(f"{source}: metadata {name!r} must be a JSON {kind.__name__}")

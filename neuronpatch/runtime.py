@@ -164,7 +164,14 @@ def _find(state: _State | None, patch: PatchLike) -> Patch:
     else:
         path = os.fspath(patch)
         match = (
-            [p for p in applied if p.source is not None and os.path.samefile(p.source, path)]
+            [
+                p
+                for p in applied
+                # a source may be "<bytes>" or a file deleted since: samefile would raise
+                if p.source is not None
+                and os.path.exists(p.source)
+                and os.path.samefile(p.source, path)
+            ]
             if (os.path.exists(path))
             else []
         )

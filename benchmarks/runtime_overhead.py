@@ -1,0 +1,638 @@
+"""Runtime cost of neuronpatch patches on the embedded SmolLM2-135M, on CPU.
+
+Measures, in one process:
+
+* greedy-generation throughput (tokens/s) unpatched vs with 1, 10, 100 and 1000 stacked
+  patches (and the 1000 patches merged into the weights), at batch 1 and batch 8, as ratios
+  to the unpatched speed of the same round. Every round runs every configuration once, in a
+  fresh random order, so slow drift of a shared machine hits all of them alike; the reported
+  ratio is the median over rounds of (config tokens/s) / (unpatched tokens/s of that round).
+  A second unpatched configuration ("unpatched (A/A)") measures the noise floor.
+* apply and remove times for 1, 10, 100 and 1000 patches, and the cost of applying the N-th
+  patch onto N-1 already applied ones (the layer folds are rebuilt on every apply);
+* patch file bytes per neuron;
+* a per-layer breakdown of the hook cost (gather, matmul, add, Python hook dispatch).
+
+Timings are reported, never asserted. Usage::
+
+    .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~8 min on 2 cores
+    .venv/bin/python benchmarks/runtime_overhead.py --quick    # smoke run, ~1 min
+    .venv/bin/python benchmarks/runtime_overhead.py --out DIR  # results elsewhere
+
+Writes runtime_overhead.json (raw numbers), runtime_overhead.md (tables) and
+runtime_overhead.png (slowdown vs stacked patches) to benchmarks/results/ or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuronpatch
+from neuronpatch import fingerprint
+from neuronpatch.arch import ModelArch, resolve
+from neuronpatch.runtime import _state
+
+MODEL = "smollm2-135m"
+THREADS = 2
+PATCH_COUNTS = (1, 10, 100, 1000)
+BATCHES = (1, 8)
+NEURONS_PER_PATCH = 20
+PATCH_LAYERS = 27  # neurons are drawn from layers 0..26
+DELTA_SCALE = 1e-3
+TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
+PROMPTS = [
+    "The capital of France is",
+    "In 1969, the first person to walk on the Moon was",
+    "Photosynthesis is the process by which plants",
+    "The quick brown fox jumps over the lazy dog because",
+    "A good recipe for pancakes needs flour, eggs and",
+    "The tallest mountain in the world is located in",
+    "Python is a programming language that",
+    "When the sun sets over the ocean, the sky turns",
+]
+UNPATCHED, CONTROL = "unpatched", "unpatched (A/A)"
+
+
+# --- configurations ----------------------------------------------------------------------
+
+
+def config_names() -> list[str]:
+    return [UNPATCHED, CONTROL, *(str(n) for n in PATCH_COUNTS), "1000 merged"]
+
+
+def make_patches(arch: ModelArch, count: int, name: str) -> list[neuronpatch.Patch]:
+    """``count`` distinct patches of 20 random (layer, neuron) pairs in layers 0..26."""
+    base = neuronpatch.BaseModelInfo(
+        name, arch.model_type, arch.num_layers, arch.hidden_size, arch.intermediate_size
+    )
+    fp = fingerprint.compute(arch)
+    patches = []
+    for seed in range(count):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        layers = torch.randint(0, PATCH_LAYERS, (NEURONS_PER_PATCH,), generator=g).tolist()
+        content = {
+            layer: (
+                torch.randperm(arch.intermediate_size, generator=g)[:k],  # [k]
+                torch.randn(k, arch.hidden_size, generator=g) * DELTA_SCALE,  # [k, hidden]
+            )
+            for layer, k in sorted(Counter(layers).items())
+        }
+        patches.append(neuronpatch.Patch(content, base, base_fingerprint=fp, method="benchmark"))
+    return patches
+
+
+def set_config(model, patches: list[neuronpatch.Patch], name: str) -> None:
+    """Bring ``model`` into configuration ``name`` from whatever state it is in."""
+    if neuronpatch.is_merged(model):
+        neuronpatch.unmerge(model)
+    neuronpatch.remove(model)
+    if name in (UNPATCHED, CONTROL):
+        return
+    count = int(name.split()[0])
+    neuronpatch.apply(model, patches[:count])
+    if name.endswith("merged"):
+        neuronpatch.merge(model)
+
+
+# --- generation throughput ---------------------------------------------------------------
+
+
+def encode(tokenizer, batch: int) -> dict[str, torch.Tensor]:
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    return dict(tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True))
+
+
+def generate_once(model, inputs: dict[str, torch.Tensor], new_tokens: int) -> tuple[float, int]:
+    """Seconds for one greedy generation, and the number of tokens it generated."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    seconds = time.perf_counter() - start
+    generated = (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+    return seconds, int(generated)
+
+
+def throughput(
+    model, tokenizer, patches, repeats: int, new_tokens: int, warmup: int, log: Callable
+) -> dict[str, Any]:
+    inputs = {b: encode(tokenizer, b) for b in BATCHES}
+    names = config_names()
+    log(f"warm-up ({warmup} generations per batch size and configuration kind)")
+    for name in (UNPATCHED, "1000", "1000 merged"):
+        set_config(model, patches, name)
+        for _ in range(warmup):
+            for b in BATCHES:
+                generate_once(model, inputs[b], new_tokens)
+
+    rng = random.Random(0)
+    runs: list[dict[str, Any]] = []  # every timed generation, in the order it ran
+    for r in range(repeats):
+        order = names[:]
+        rng.shuffle(order)
+        batches = list(BATCHES) if r % 2 == 0 else list(reversed(BATCHES))
+        for name in order:
+            set_config(model, patches, name)
+            for b in batches:
+                seconds, generated = generate_once(model, inputs[b], new_tokens)
+                runs.append(
+                    dict(
+                        round=r,
+                        config=name,
+                        batch=b,
+                        seconds=seconds,
+                        tokens=generated,
+                        tokens_per_s=generated / seconds,
+                    )
+                )
+        summary = ", ".join(
+            f"{x['config']}/b{x['batch']}={x['tokens_per_s']:.1f}" for x in runs if x["round"] == r
+        )
+        log(f"round {r + 1}/{repeats}: {summary}")
+    set_config(model, patches, UNPATCHED)
+
+    results: dict[str, Any] = {}
+    for b in BATCHES:
+        per_round_base = {
+            x["round"]: x["tokens_per_s"]
+            for x in runs
+            if x["batch"] == b and x["config"] == UNPATCHED
+        }
+        base_median = statistics.median(per_round_base.values())
+        rows = {}
+        for name in names:
+            mine = [x for x in runs if x["batch"] == b and x["config"] == name]
+            tps = [x["tokens_per_s"] for x in mine]
+            paired = [x["tokens_per_s"] / per_round_base[x["round"]] for x in mine]
+            ratio = statistics.median(paired)
+            rows[name] = dict(
+                tokens_per_s=tps,
+                tokens_per_s_median=statistics.median(tps),
+                paired_ratios=paired,
+                ratio=ratio,  # median over rounds of the paired ratio
+                ratio_q25=_quantile(paired, 0.25),
+                ratio_q75=_quantile(paired, 0.75),
+                ratio_of_medians=statistics.median(tps) / base_median,
+                slowdown_pct=(1 - ratio) * 100,
+            )
+        results[str(b)] = rows
+    return dict(new_tokens=new_tokens, repeats=repeats, warmup=warmup, runs=runs, batches=results)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+# --- apply / remove ----------------------------------------------------------------------
+
+
+def apply_remove(model, patches, repeats: int, log: Callable) -> dict[str, Any]:
+    set_config(model, patches, UNPATCHED)
+    bulk: dict[str, dict[str, list[float]]] = {}
+    for n in PATCH_COUNTS:
+        applies, removes = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            neuronpatch.apply(model, patches[:n])
+            applies.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            neuronpatch.remove(model)
+            removes.append(time.perf_counter() - start)
+        bulk[str(n)] = dict(apply_s=applies, remove_s=removes)
+        log(
+            f"apply {n} patches in one call: {statistics.median(applies) * 1e3:.1f} ms, "
+            f"remove all: {statistics.median(removes) * 1e3:.1f} ms"
+        )
+
+    incremental: dict[str, dict[str, list[float]]] = {}
+    for n in PATCH_COUNTS:
+        applies, removes = [], []
+        for _ in range(repeats):
+            if n > 1:
+                neuronpatch.apply(model, patches[: n - 1])
+            start = time.perf_counter()
+            neuronpatch.apply(model, patches[n - 1])
+            applies.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            neuronpatch.remove(model, patches[n - 1])
+            removes.append(time.perf_counter() - start)
+            neuronpatch.remove(model)
+        incremental[str(n)] = dict(apply_s=applies, remove_s=removes)
+        log(
+            f"apply patch #{n} onto {n - 1}: {statistics.median(applies) * 1e3:.1f} ms, "
+            f"remove it again: {statistics.median(removes) * 1e3:.1f} ms"
+        )
+    return dict(repeats=repeats, bulk=bulk, nth=incremental)
+
+
+# --- file size ---------------------------------------------------------------------------
+
+
+def file_size(patch: neuronpatch.Patch, arch: ModelArch) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = patch.save(Path(tmp) / "patch.safetensors")
+        data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    neurons = patch.num_neurons
+    delta_bytes = sum(ld.deltas.numel() * ld.deltas.element_size() for ld in patch.layers.values())
+    index_bytes = sum(
+        ld.neuron_indices.numel() * ld.neuron_indices.element_size()
+        for ld in patch.layers.values()
+    )
+    fp = patch.base_fingerprint
+    fp_bytes = fp.numel() * fp.element_size() if fp is not None else 0
+    return dict(
+        neurons=neurons,
+        layers=len(patch.layers),
+        hidden_size=arch.hidden_size,
+        delta_dtype=str(next(iter(patch.layers.values())).deltas.dtype),
+        file_bytes=len(data),
+        bytes_per_neuron=len(data) / neurons,
+        raw_delta_bytes=delta_bytes,
+        raw_delta_bytes_per_neuron=delta_bytes / neurons,
+        overhead_bytes=len(data) - delta_bytes,
+        overhead_breakdown=dict(
+            length_prefix=8,
+            json_header=header,
+            neuron_indices=index_bytes,
+            base_fingerprint=fp_bytes,
+        ),
+    )
+
+
+# --- per-layer hook cost -----------------------------------------------------------------
+
+
+def _per_call(fn: Callable[[], Any], iters: int, repeats: int) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` timed loops of ``iters`` calls."""
+    for _ in range(max(1, iters // 10)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> dict[str, Any]:
+    """Per decode step (one new token per sequence), what the hooks add, summed over layers.
+
+    ``module.forward(q)`` is W_out without hook dispatch; ``module(q)`` goes through
+    nn.Module's hook path and the neuronpatch hook; the difference is the hook's full cost,
+    which is split into the gather ``q[..., idx]``, the matmul ``@ deltas``, the add, and
+    the rest (Python and hook-dispatch overhead).
+    """
+    arch = resolve(model)
+    out: dict[str, Any] = {}
+    for n in PATCH_COUNTS:
+        set_config(model, patches, str(n))
+        state = _state(model)
+        for b in BATCHES:
+            g = torch.Generator().manual_seed(0)
+            totals = dict.fromkeys(("forward", "hooked", "gather", "matmul", "add"), 0.0)
+            sizes = []
+            with torch.inference_mode():
+                for layer, fold in sorted(state.folds.items()):
+                    module = arch.w_out[layer]
+                    q = torch.randn(b, 1, arch.intermediate_size, generator=g)  # [b, 1, inter]
+                    idx, deltas = fold.neuron_indices, fold.deltas  # [n], [n, hidden]
+                    base = module.forward(q)  # [b, 1, hidden]
+                    picked = q[..., idx]  # [b, 1, n]
+                    extra = picked @ deltas  # [b, 1, hidden]
+                    sizes.append(len(idx))
+                    totals["forward"] += _per_call(lambda m=module, x=q: m.forward(x), iters, repeats)
+                    totals["hooked"] += _per_call(lambda m=module, x=q: m(x), iters, repeats)
+                    totals["gather"] += _per_call(lambda x=q, i=idx: x[..., i], iters, repeats)
+                    totals["matmul"] += _per_call(
+                        lambda p=picked, d=deltas: p @ d, iters, repeats
+                    )
+                    totals["add"] += _per_call(lambda o=base, e=extra: o + e, iters, repeats)
+            hook = totals["hooked"] - totals["forward"]
+            kernels = totals["gather"] + totals["matmul"] + totals["add"]
+            row = dict(
+                hooked_layers=len(sizes),
+                neurons_per_layer_mean=statistics.mean(sizes),
+                neurons_per_layer_max=max(sizes),
+                w_out_forward_us=totals["forward"] * 1e6,
+                w_out_hooked_us=totals["hooked"] * 1e6,
+                hook_total_us=hook * 1e6,
+                gather_us=totals["gather"] * 1e6,
+                matmul_us=totals["matmul"] * 1e6,
+                add_us=totals["add"] * 1e6,
+                python_dispatch_us=(hook - kernels) * 1e6,
+            )
+            out[f"{n}/{b}"] = dict(patches=n, batch=b, **row)
+            log(
+                f"hook cost per decode step, {n} patches, batch {b}: "
+                f"{row['hook_total_us']:.0f} us over {len(sizes)} layers "
+                f"(gather {row['gather_us']:.0f}, matmul {row['matmul_us']:.0f}, "
+                f"add {row['add_us']:.0f}, python/dispatch {row['python_dispatch_us']:.0f}); "
+                f"W_out itself {row['w_out_forward_us']:.0f} us"
+            )
+    set_config(model, patches, UNPATCHED)
+    return out
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return dict(
+        date=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        cpu_model=cpu,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        neuronpatch=neuronpatch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
+
+
+def _loadavg() -> str | None:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
+
+
+def targets_verdict(tp: dict[str, Any]) -> tuple[bool, list[str]]:
+    met, parts = True, []
+    for count, limit in TARGETS.items():
+        for b in BATCHES:
+            slow = tp["batches"][str(b)][str(count)]["slowdown_pct"]
+            ok = slow <= limit
+            met &= ok
+            parts.append(
+                f"{count} patch{'es' if count > 1 else ''}, batch {b}: {slow:+.1f} % "
+                f"(target <= {limit:g} %: {'met' if ok else 'NOT met'})"
+            )
+    return met, parts
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    tp, ar, size, hooks = (
+        results["throughput"],
+        results["apply_remove"],
+        results["file_size"],
+        results["hook_breakdown"],
+    )
+    info = results["machine"]
+    lines = [
+        "# neuronpatch runtime overhead",
+        "",
+        f"Model `{results['model']}` (fp32), {info['cpu_model']}, {info['torch_threads']} torch "
+        f"threads, torch {info['torch']}, transformers {info['transformers']}, {info['date']}"
+        f"{' (quick run)' if results['quick'] else ''}.",
+        f"Load average before/after: `{results['loadavg_start']}` / `{results['loadavg_end']}`.",
+        "",
+        f"Greedy generation of {tp['new_tokens']} new tokens per sequence; each patch has "
+        f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. "
+        f"{tp['repeats']} rounds, each running every configuration once in a random order. "
+        "Ratio = median over rounds of tokens/s divided by the same round's unpatched "
+        "tokens/s (IQR in brackets); slowdown = 1 - ratio. `unpatched (A/A)` is a second "
+        "unpatched configuration: its slowdown is the noise floor of this run.",
+        "",
+        "## Generation throughput",
+        "",
+        "| patches | batch | tokens/s (median) | ratio [IQR] | slowdown % |",
+        "|---|---|---|---|---|",
+    ]
+    for name in config_names():
+        for b in BATCHES:
+            row = tp["batches"][str(b)][name]
+            lines.append(
+                f"| {name} | {b} | {row['tokens_per_s_median']:.1f} | {row['ratio']:.3f} "
+                f"[{row['ratio_q25']:.3f}, {row['ratio_q75']:.3f}] | "
+                f"{row['slowdown_pct']:+.1f} |"
+            )
+    met, parts = targets_verdict(tp)
+    noise = max(abs(tp["batches"][str(b)][CONTROL]["slowdown_pct"]) for b in BATCHES)
+    lines += [
+        "",
+        f"**Targets: <= 2 % slowdown with 1 patch and <= 10 % with 1000 patches: "
+        f"{'met' if met else 'NOT met'}.** " + "; ".join(parts) + ". "
+        f"Noise floor (A/A |slowdown|, max over batches): {noise:.1f} %.",
+        "",
+        "## Apply / remove",
+        "",
+        f"In-memory Patch objects; median of {ar['repeats']} repeats.",
+        "",
+        "| patches | apply all in one call (ms) | remove all (ms) | apply the N-th onto N-1 (ms) "
+        "| remove that one (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in PATCH_COUNTS:
+        bulk, nth = ar["bulk"][str(n)], ar["nth"][str(n)]
+        lines.append(
+            f"| {n} | {statistics.median(bulk['apply_s']) * 1e3:.1f} | "
+            f"{statistics.median(bulk['remove_s']) * 1e3:.1f} | "
+            f"{statistics.median(nth['apply_s']) * 1e3:.1f} | "
+            f"{statistics.median(nth['remove_s']) * 1e3:.1f} |"
+        )
+    br = size["overhead_breakdown"]
+    lines += [
+        "",
+        "## Patch file size",
+        "",
+        f"A {size['neurons']}-neuron patch ({size['layers']} layers, {size['delta_dtype']} "
+        f"deltas of width {size['hidden_size']}): {size['file_bytes']} bytes = "
+        f"**{size['bytes_per_neuron']:.0f} bytes per neuron** (raw deltas "
+        f"{size['raw_delta_bytes_per_neuron']:.0f} bytes per neuron). Overhead over the raw "
+        f"deltas: {size['overhead_bytes']} bytes ({br['json_header']} JSON header, "
+        f"{br['neuron_indices']} neuron indices, {br['base_fingerprint']} base fingerprint, "
+        f"{br['length_prefix']} length prefix).",
+        "",
+        "## Hook cost per decode step (microbenchmark)",
+        "",
+        "Per generated token (one position per sequence), summed over the hooked layers: "
+        "`W_out` alone (`module.forward`) vs through the hook (`module(q)`); the hook's cost "
+        "split into gather `q[..., idx]`, matmul `@ deltas`, add, and the remainder (Python "
+        "and hook dispatch).",
+        "",
+        "| patches | batch | layers | neurons/layer | W_out us | hook us | gather us | matmul us "
+        "| add us | python/dispatch us |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in hooks.items():
+        lines.append(
+            f"| {row['patches']} | {row['batch']} | {row['hooked_layers']} | "
+            f"{row['neurons_per_layer_mean']:.0f} | {row['w_out_forward_us']:.0f} | "
+            f"{row['hook_total_us']:.0f} | {row['gather_us']:.0f} | {row['matmul_us']:.0f} | "
+            f"{row['add_us']:.0f} | {row['python_dispatch_us']:.0f} |"
+        )
+    for b in BATCHES:
+        base_tps = tp["batches"][str(b)][UNPATCHED]["tokens_per_s_median"]
+        step_us = b / base_tps * 1e6
+        lines.append("")
+        lines.append(
+            f"Batch {b}: an unpatched decode step takes ~{step_us / 1e3:.1f} ms, so the measured "
+            "hook cost predicts "
+            + ", ".join(
+                f"{hooks[f'{n}/{b}']['hook_total_us'] / step_us * 100:.1f} % for {n}"
+                for n in PATCH_COUNTS
+            )
+            + " slowdown."
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = results["throughput"]["batches"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b, color in zip(BATCHES, ("tab:blue", "tab:orange"), strict=False):
+        rows = [tp[str(b)][str(n)] for n in PATCH_COUNTS]
+        slow = [r["slowdown_pct"] for r in rows]
+        lo = [s - (1 - r["ratio_q75"]) * 100 for s, r in zip(slow, rows, strict=True)]
+        hi = [(1 - r["ratio_q25"]) * 100 - s for s, r in zip(slow, rows, strict=True)]
+        ax.errorbar(
+            PATCH_COUNTS,
+            slow,
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"batch {b} (bars: IQR over rounds)",
+        )
+        noise = tp[str(b)][CONTROL]["slowdown_pct"]
+        ax.axhline(noise, color=color, lw=0.8, alpha=0.5, ls=":")
+    ax.plot([], [], color="grey", ls=":", lw=0.8, label="A/A noise floor (per batch)")
+    for count, limit in TARGETS.items():
+        ax.axhline(limit, color="red" if count == 1 else "darkred", ls="--", lw=1)
+        ax.annotate(
+            f"target: <= {limit:g} % at {count} patch{'es' if count > 1 else ''}",
+            (PATCH_COUNTS[0], limit),
+            textcoords="offset points",
+            xytext=(0, 3),
+            fontsize=8,
+            color="darkred",
+        )
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xticks(PATCH_COUNTS, [str(n) for n in PATCH_COUNTS])
+    ax.set_xlabel(f"stacked patches ({NEURONS_PER_PATCH} neurons each)")
+    ax.set_ylabel("slowdown vs unpatched (%)")
+    ax.set_title(f"neuronpatch hook overhead, {results['model']}, CPU greedy generation")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, 0.85))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="output folder (default: benchmarks/results)",
+    )
+    parser.add_argument("--repeats", type=int, help="throughput rounds (default 9, quick 2)")
+    parser.add_argument("--new-tokens", type=int, help="tokens per generation (default 32)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 9)
+    new_tokens = args.new_tokens or (8 if quick else 32)
+
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {message}", flush=True)
+
+    loadavg_start = _loadavg()
+    model, tokenizer = neuronpatch.load_model(MODEL)
+    arch = resolve(model)
+    log(
+        f"loaded {MODEL}: {arch.model_type}, {arch.num_layers} layers, hidden "
+        f"{arch.hidden_size}, intermediate {arch.intermediate_size}"
+    )
+    patches = make_patches(arch, max(PATCH_COUNTS), model.config.name_or_path)
+    log(f"built {len(patches)} patches of {NEURONS_PER_PATCH} neurons")
+
+    results: dict[str, Any] = dict(
+        model=MODEL,
+        quick=quick,
+        machine=machine_info(),
+        loadavg_start=loadavg_start,
+        setup=dict(
+            patch_counts=list(PATCH_COUNTS),
+            batches=list(BATCHES),
+            neurons_per_patch=NEURONS_PER_PATCH,
+            patch_layers=f"0..{PATCH_LAYERS - 1}",
+            delta_scale=DELTA_SCALE,
+            prompts=PROMPTS,
+            targets_max_slowdown_pct={str(k): v for k, v in TARGETS.items()},
+        ),
+    )
+    results["file_size"] = file_size(patches[0], arch)
+    log(f"patch file: {results['file_size']['bytes_per_neuron']:.0f} bytes per neuron")
+    results["apply_remove"] = apply_remove(model, patches, 2 if quick else 5, log)
+    results["hook_breakdown"] = hook_breakdown(
+        model, patches, 100 if quick else 400, 3 if quick else 5, log
+    )
+    results["throughput"] = throughput(
+        model, tokenizer, patches, repeats, new_tokens, 1 if quick else 2, log
+    )
+    results["loadavg_end"] = _loadavg()
+    results["wall_s"] = time.perf_counter() - t0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runtime_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.out / "runtime_overhead.md")
+    write_plot(results, args.out / "runtime_overhead.png")
+    met, parts = targets_verdict(results["throughput"])
+    for part in parts:
+        log(part)
+    log(f"targets {'met' if met else 'NOT met'}; wrote {args.out}/runtime_overhead.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
