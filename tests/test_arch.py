@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import MODEL_TYPES, build_tiny
+from conftest import MODEL_TYPES
 from torch import nn
 
 import neuronpatch
@@ -63,7 +63,8 @@ def test_column_is_the_output_direction_of_a_neuron(tiny_model):
     for layer in range(arch.num_layers):
         module = arch.w_out[layer]
         with torch.no_grad():
-            directions = module(unit) - module(torch.zeros(1, arch.intermediate_size))  # [k, hidden]
+            bias = module(torch.zeros(1, arch.intermediate_size))  # [1, hidden]
+            directions = module(unit) - bias  # [k, hidden]
         column = arch.column(layer, idx)
         assert column.shape == (len(idx), arch.hidden_size)
         torch.testing.assert_close(column, directions, atol=1e-6, rtol=1e-6)
@@ -146,4 +147,3 @@ def test_apply_to_unsupported_model_raises_and_leaves_it_alone():
         neuronpatch.apply(model, patch)
     assert neuronpatch.applied_patches(model) == []
     assert all(not m._forward_hooks for m in model.modules())
-
