@@ -80,7 +80,8 @@ def _activations(
 
     def keep(layer: int):
         def hook(module, args, output):
-            acts[layer] = args[0][0].detach()  # [S, inter]
+            q = args[0].detach()  # [1, S, inter], or [S, inter] where the model flattens (OPT)
+            acts[layer] = q.reshape(-1, q.shape[-1])  # [S, inter]
 
         return hook
 
