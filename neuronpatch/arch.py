@@ -55,6 +55,7 @@ class ModelArch:
     w_out: tuple[nn.Module, ...]  # one per layer, in order
     hidden_size: int
     intermediate_size: int
+    decoder_layers: tuple[nn.Module, ...] = ()  # the blocks that hold w_out, in order
 
     @property
     def num_layers(self) -> int:
@@ -105,7 +106,7 @@ def resolve(model: nn.Module) -> ModelArch:
     weight = w_out[0].weight
     # Linear: [hidden, inter]; Conv1D: [inter, hidden]
     intermediate, hidden = weight.shape if spec.conv1d else weight.shape[::-1]
-    return ModelArch(model_type, spec, w_out, int(hidden), int(intermediate))
+    return ModelArch(model_type, spec, w_out, int(hidden), int(intermediate), tuple(layers))
 
 
 def base_model_info(model: nn.Module) -> BaseModelInfo:

@@ -216,6 +216,38 @@ def _trainable_deltas(
             handle.remove()
 
 
+@contextmanager
+def _replayed_prefix(arch: ModelArch, first_edited: int, input_ids, model) -> Iterator[None]:
+    """Replay the outputs of the layers below the lowest edited one instead of recomputing them.
+
+    Deltas only change what happens from ``first_edited`` upwards, so the blocks below give
+    the same output at every optimisation step: record each once, then return the record.
+    """
+    prefix = arch.decoder_layers[:first_edited]
+    outputs: list = [None] * len(prefix)
+
+    def record(i: int):
+        def hook(module, args, output):
+            outputs[i] = output
+
+        return hook
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(prefix)]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, output in zip(prefix, outputs, strict=True):
+        layer.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for layer in prefix:
+            del layer.forward
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -264,7 +296,11 @@ def edit_fine(
         stop_nll = -math.log(hp.early_stop_prob)
 
         steps = 0
-        with _trainable_deltas(arch, index_tensors, deltas):
+        first_edited = min(groups, default=0)
+        with (
+            _replayed_prefix(arch, first_edited, tf.input_ids, model),
+            _trainable_deltas(arch, index_tensors, deltas),
+        ):
             while True:
                 logits = model(input_ids=tf.input_ids, use_cache=False).logits[0].float()
                 logp = F.log_softmax(logits, dim=-1)  # [S, vocab]
