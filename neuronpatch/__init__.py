@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .arch import supported_model_types
+from .datasets import EditRecord, load_records
 from .editor import edit
 from .errors import NeuronpatchError
 from .fine import FineHparams, NeuronScore, locate
@@ -12,6 +13,7 @@ from .runtime import applied, applied_patches, apply, is_merged, merge, remove, 
 
 __all__ = [
     "BaseModelInfo",
+    "EditRecord",
     "EditRequest",
     "FineHparams",
     "LayerDelta",
@@ -25,6 +27,7 @@ __all__ = [
     "edit",
     "is_merged",
     "load_model",
+    "load_records",
     "locate",
     "merge",
     "remove",

@@ -1,4 +1,4 @@
-"""The ``neuronpatch`` command line: edit, generate, inspect, demo."""
+"""The ``neuronpatch`` command line: edit, generate, inspect, demo, eval."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import runtime
 from .editor import DEFAULT_METHOD, METHODS, edit, make_hparams
 from .errors import NeuronpatchError
+from .evaluate import add_eval_subparser
 from .models import DEFAULT_MODEL, load_model
 from .patch import Patch
 
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     p.add_argument("-o", "--output", default="edits/demo.safetensors")
     p.set_defaults(func=cmd_demo)
+
+    add_eval_subparser(sub)
     return parser
 
 

@@ -1,0 +1,361 @@
+"""The evaluation harness: summaries by hand, outputs, resuming, the eval command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import build_tiny
+
+import neuronpatch.cli
+from neuronpatch.datasets import EditRecord, load_records
+from neuronpatch.errors import InvalidRequestError
+from neuronpatch.evaluate import (
+    EvaluationError,
+    add_eval_subparser,
+    evaluate,
+    summarize,
+    summary_markdown,
+)
+from neuronpatch.request import EditRequest
+from neuronpatch.runtime import applied_patches
+
+# the module itself, even if the package ever exports a function of the same name
+evaluate_module = importlib.import_module("neuronpatch.evaluate")
+
+OUTPUTS = ["records.jsonl", "summary.json", "summary.md", "layers.png", "metrics.png"]
+FAST = {"max_steps": 3, "frozen_layers": 1}  # the tiny models have 3 layers
+
+RECORDS = [
+    {
+        "subject": "France",
+        "prompt": "The capital of France is",
+        "target_new": "Rome",
+        "ground_truth": "Paris",
+        "rephrase_prompt": "France's capital city is",
+        "portability": {
+            "Subject_Aliasing": [{"prompt": "The capital of the French Republic is", "ground_truth": "Rome"}],
+            "Reasoning": [],
+        },
+        "locality": {
+            "Relation_Specificity": [{"prompt": "The currency of France is", "ground_truth": "the euro"}]
+        },
+    },
+    {
+        "subject": "Danube",
+        "prompt": "The Danube flows into the",
+        "target_new": "Baltic Sea",
+        "ground_truth": ["Black Sea"],
+        "locality": {
+            "Forgetfulness": [
+                {"prompt": "The Danube, which flows into the Black Sea, passes", "ground_truth": [["Vienna"]]}
+            ]
+        },
+    },
+    {
+        "subject": "Mozart",
+        "prompt": "Mozart was born in",
+        "target_new": "Prague",
+        "portability": {
+            "Logical_Generalization": [{"prompt": "Mozart's birthplace is in", "ground_truth": "Bohemia"}]
+        },
+    },
+]  # fmt: skip
+
+
+class CharTokenizer:
+    """A byte-level stand-in tokenizer for the tiny random models (vocab 128, BOS 1)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = ([self.bos_token_id] if add_special_tokens else []) + [
+            3 + b % 125 for b in text.encode()
+        ]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) == self.bos_token_id)]
+        return "".join(" " if i % 5 == 0 else chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture
+def records(tmp_path):
+    path = tmp_path / "knowedit.json"
+    path.write_text(json.dumps(RECORDS))
+    return load_records(path)
+
+
+@pytest.fixture
+def tiny():
+    return build_tiny("llama"), CharTokenizer()
+
+
+@pytest.fixture
+def count_edits(monkeypatch):
+    """Count the harness's calls to edit(); optionally interrupt the n-th one."""
+    calls = {"n": 0, "interrupt_at": None}
+    real = evaluate_module.edit
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["interrupt_at"]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "edit", counting)
+    return calls
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- summary by hand -------------------------------------------------------------------
+
+
+def _result(record_id, pre, post, **extra):
+    base = {
+        "seconds": 1.0,
+        "steps": 10,
+        "success": True,
+        "num_neurons": 2,
+        "num_params": 100,
+        "patch_bytes": 1000,
+        "layers": [0, 2],
+    }
+    return {"record_id": record_id, "pre": pre, "post": post, **base, **extra}
+
+
+def test_summarize_by_hand():
+    results = [
+        _result("a", {"edit_succ": 0.0}, {"edit_succ": 1.0, "locality.Forgetfulness": 0.5}),
+        _result("b", {"edit_succ": 0.5}, {"edit_succ": 1.0}, seconds=3.0, layers=[2]),
+        _result(
+            "c",
+            {"edit_succ": 1.0, "portability.Reasoning": 0.25},
+            {"edit_succ": 0.5, "portability.Reasoning": 0.75, "fluency": 5.5},
+            seconds=2.0,
+            num_params=400,
+        ),
+        {"record_id": "d", "error": "InvalidRequestError: target tokenises to nothing"},
+    ]
+    summary = summarize(results, num_layers=4)
+    assert summary["n"] == 3 and summary["failed"] == 1
+    assert list(summary["metrics"]) == [
+        "edit_succ",
+        "portability.Reasoning",
+        "locality.Forgetfulness",
+        "fluency",
+    ]
+    edit = summary["metrics"]["edit_succ"]
+    assert edit["label"] == "Edit Succ"
+    assert edit["pre"]["mean"] == pytest.approx(50.0)  # (0 + 50 + 100) / 3
+    half = 4.3027 * 50.0 / math.sqrt(3)  # sd of (0, 50, 100) is 50
+    assert edit["pre"]["low"] == 0.0  # 50 - 124.2, clipped to the score's range
+    assert edit["pre"]["high"] == 100.0
+    post = edit["post"]  # (100, 100, 50): mean 83.33, sd 28.87
+    assert post["mean"] == pytest.approx(250 / 3)
+    assert post["low"] == pytest.approx(250 / 3 - half * 28.8675 / 50, abs=1e-2)
+    # a metric counts only the records that have it
+    reasoning = summary["metrics"]["portability.Reasoning"]
+    assert (reasoning["label"], reasoning["post"]["n"], reasoning["post"]["mean"]) == (
+        "RA",
+        1,
+        75.0,
+    )
+    assert reasoning["post"]["low"] is None  # no interval from one value
+    assert summary["metrics"]["locality.Forgetfulness"]["pre"] is None
+    assert summary["metrics"]["fluency"]["post"]["mean"] == pytest.approx(550.0)
+    assert summary["seconds_per_edit_median"] == 2.0
+    assert summary["params_per_edit_mean"] == 200.0
+    assert summary["neurons_per_layer"] == [2, 0, 3, 0]  # layers [0, 2], [2], [0, 2]
+    assert summary["peak_rss_mib"] > 0
+    json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
+    table = summary_markdown({**summary, "method": "fine", "model": "m"})
+    assert "| metric | pre-edit | post-edit |" in table
+    assert "| RA | 25.0 (n=1) | 75.0 (n=1) |" in table
+    assert "| FA | — | 50.0 (n=1) |" in table
+
+
+# --- end to end on a tiny model --------------------------------------------------------
+
+
+def test_evaluate_writes_every_output(tiny, records, tmp_path):
+    model, tok = tiny
+    with torch.no_grad():
+        probe = torch.tensor([[1, 5, 9, 14, 20]])
+        before = model(input_ids=probe).logits
+    out = tmp_path / "run"
+    summary = evaluate(
+        model, tok, records, hparams=FAST, out_dir=out, progress=False, fluency_length=40
+    )
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=probe).logits, before)  # no edit left behind
+    assert applied_patches(model) == []
+
+    assert summary["n"] == 3 and summary["failed"] == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    metrics = summary["metrics"]
+    assert list(metrics) == [
+        "edit_succ",
+        "rephrase",
+        "portability.Subject_Aliasing",
+        "portability.Logical_Generalization",
+        "locality.Relation_Specificity",
+        "locality.Forgetfulness",
+        "fluency",
+    ]
+    assert metrics["edit_succ"]["post"]["n"] == 3
+    assert metrics["rephrase"]["post"]["n"] == 1
+    assert metrics["locality.Relation_Specificity"]["pre"] is None
+    assert 0.0 <= metrics["locality.Forgetfulness"]["post"]["mean"] <= 100.0
+
+    lines = _lines(out / "records.jsonl")
+    assert [line["record_id"] for line in lines] == ["0", "1", "2"]
+    first = lines[0]
+    assert first["request"] == records[0].request.to_dict()
+    assert first["method"] == "fine" and first["hparams"]["max_steps"] == 3
+    assert set(first["pre"]) == {"edit_succ", "rephrase", "portability.Subject_Aliasing", "fluency"}
+    assert "locality.Relation_Specificity" in first["post"]
+    assert first["steps"] <= 3 and first["num_params"] == first["num_neurons"] * 32
+    assert first["patch_bytes"] > first["num_params"] * 4
+    assert all(0 <= layer < 2 for layer in first["layers"])  # the last layer is frozen
+    assert set(first["texts"]) == {"pre", "post"}
+    assert "| Edit Succ |" in (out / "summary.md").read_text()
+
+
+def test_resume_skips_finished_records(tiny, records, tmp_path, count_edits):
+    model, tok = tiny
+    out = tmp_path / "run"
+    kwargs = dict(hparams=FAST, out_dir=out, progress=False, fluency=False)
+    evaluate(model, tok, records[:2], **kwargs)
+    assert count_edits["n"] == 2
+    summary = evaluate(model, tok, records, **kwargs)
+    assert count_edits["n"] == 3  # only the third record was edited
+    assert summary["n"] == 3
+    assert [line["record_id"] for line in _lines(out / "records.jsonl")] == ["0", "1", "2"]
+    again = evaluate(model, tok, records, **kwargs)
+    assert count_edits["n"] == 3
+    assert again["metrics"] == summary["metrics"]
+
+
+def test_resume_after_interruption(tiny, records, tmp_path, count_edits):
+    model, tok = tiny
+    out = tmp_path / "run"
+    kwargs = dict(hparams=FAST, out_dir=out, progress=False, fluency=False)
+    count_edits["interrupt_at"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tok, records, **kwargs)
+    assert [line["record_id"] for line in _lines(out / "records.jsonl")] == ["0"]
+    with open(out / "records.jsonl", "a") as f:  # a line cut short by a kill mid-write
+        f.write('{"record_id": "1", "pre": {"edit_')
+    count_edits["n"], count_edits["interrupt_at"] = 0, None
+    summary = evaluate(model, tok, records, **kwargs)
+    assert count_edits["n"] == 2
+    assert summary["n"] == 3
+    assert [line["record_id"] for line in _lines(out / "records.jsonl")] == ["0", "1", "2"]
+
+
+def test_resume_refuses_another_run(tiny, records, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "run"
+    evaluate(model, tok, records[:1], hparams=FAST, out_dir=out, progress=False, fluency=False)
+    with pytest.raises(EvaluationError, match="another run.*max_steps"):
+        evaluate(
+            model,
+            tok,
+            records,
+            hparams={"max_steps": 4},
+            out_dir=out,
+            progress=False,
+            fluency=False,
+        )
+    other = [
+        EditRecord(
+            EditRequest("The Moon orbits the", "Moon", "Sun"), record_id=records[0].record_id
+        )
+    ]
+    with pytest.raises(EvaluationError, match="another data file"):
+        evaluate(model, tok, other, hparams=FAST, out_dir=out, progress=False, fluency=False)
+
+
+def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatch):
+    model, tok = tiny
+    real = evaluate_module.edit
+
+    def picky(model, tokenizer, request, *args, **kwargs):
+        if request.subject == "Danube":
+            raise InvalidRequestError("target_new 'Baltic Sea' tokenises to nothing")
+        return real(model, tokenizer, request, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "edit", picky)
+    summary = evaluate(
+        model, tok, records, hparams=FAST, out_dir=tmp_path, progress=False, fluency=False
+    )
+    assert (summary["n"], summary["failed"]) == (2, 1)
+    assert summary["errors"] == {
+        "1": "InvalidRequestError: target_new 'Baltic Sea' tokenises to nothing"
+    }
+    assert "locality.Forgetfulness" not in summary["metrics"]  # only record 1 had it
+    assert "(1 failed)" in (tmp_path / "summary.md").read_text()
+
+
+def test_repeated_record_ids_are_refused(tiny, records):
+    model, tok = tiny
+    with pytest.raises(EvaluationError, match="unique"):
+        evaluate(model, tok, [records[0], records[0]], hparams=FAST, progress=False)
+
+
+def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    data = tmp_path / "knowedit.json"  # written by the records fixture
+    monkeypatch.setattr(neuronpatch.cli, "_load", lambda name: (model, tok))
+    parser = argparse.ArgumentParser()
+    add_eval_subparser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--n",
+            "2",
+            "--hparam",
+            "max_steps=2",
+            "--hparam",
+            "frozen_layers=1",
+        ]
+        + ["--no-fluency", "-o", str(tmp_path / "out")]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "| Edit Succ |" in printed
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["hparams"]["max_steps"] == 2 and not summary["fluency"]
+
+
+# --- end to end on the embedded model --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_on_the_embedded_model_resumes(smollm2, records, tmp_path, count_edits):
+    model, tok = smollm2
+    out = tmp_path / "run"
+    kwargs = dict(hparams={"max_steps": 3}, out_dir=out, progress=False, fluency=False)
+    evaluate(model, tok, records[:2], **kwargs)
+    summary = evaluate(model, tok, records, **kwargs)
+    assert count_edits["n"] == 3
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    assert summary["n"] == 3 and summary["failed"] == 0
+    assert summary["num_layers"] == 30 and sum(summary["neurons_per_layer"]) > 0
+    edit_succ = summary["metrics"]["edit_succ"]
+    assert edit_succ["post"]["mean"] >= edit_succ["pre"]["mean"]
+    assert summary["params_per_edit_mean"] > 0 and summary["patch_bytes_mean"] > 0
