@@ -15,7 +15,7 @@ Measures, in one process:
 
 Timings are reported, never asserted. Usage::
 
-    .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~8 min on 2 cores
+    .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~10 min on 2 cores
     .venv/bin/python benchmarks/runtime_overhead.py --quick    # smoke run, ~1 min
     .venv/bin/python benchmarks/runtime_overhead.py --out DIR  # results elsewhere
 
@@ -35,19 +35,26 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
+# OpenMP threads that spin at barriers (libgomp's default, ACTIVE) turn a machine shared with
+# other processes into 10-50x slowdowns of every parallel op: the spinning thread holds the
+# core its descheduled partner needs. PASSIVE threads sleep instead, which keeps timings on a
+# busy 2-core machine meaningful. It must be set before torch loads libgomp; an explicit
+# OMP_WAIT_POLICY in the environment wins (OMP_WAIT_POLICY=ACTIVE for torch's default).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import neuronpatch
-from neuronpatch import fingerprint
-from neuronpatch.arch import ModelArch, resolve
-from neuronpatch.runtime import _state
+import torch  # noqa: E402
+
+import neuronpatch  # noqa: E402
+from neuronpatch import fingerprint  # noqa: E402
+from neuronpatch.arch import ModelArch, resolve  # noqa: E402
+from neuronpatch.runtime import _state  # noqa: E402
 
 MODEL = "smollm2-135m"
-THREADS = 2
 PATCH_COUNTS = (1, 10, 100, 1000)
 BATCHES = (1, 8)
 NEURONS_PER_PATCH = 20
@@ -116,9 +123,11 @@ def encode(tokenizer, batch: int) -> dict[str, torch.Tensor]:
     return dict(tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True))
 
 
-def generate_once(model, inputs: dict[str, torch.Tensor], new_tokens: int) -> tuple[float, int]:
-    """Seconds for one greedy generation, and the number of tokens it generated."""
-    start = time.perf_counter()
+def generate_once(
+    model, inputs: dict[str, torch.Tensor], new_tokens: int
+) -> tuple[float, float, int]:
+    """Wall and process-CPU seconds of one greedy generation, and the tokens it generated."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(
             **inputs,
@@ -126,14 +135,26 @@ def generate_once(model, inputs: dict[str, torch.Tensor], new_tokens: int) -> tu
             min_new_tokens=new_tokens,
             do_sample=False,
         )
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     generated = (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
-    return seconds, int(generated)
+    return seconds, cpu_seconds, int(generated)
 
 
 def throughput(
-    model, tokenizer, patches, repeats: int, new_tokens: int, warmup: int, log: Callable
+    model,
+    tokenizer,
+    patches,
+    repeats: int,
+    new_tokens: int,
+    warmup: int,
+    budget_s: float,
+    log: Callable,
 ) -> dict[str, Any]:
+    """Tokens/s of every configuration at every batch size, ``repeats`` interleaved rounds.
+
+    Rounds stop early once ``budget_s`` seconds have passed (after at least three rounds),
+    so a machine slowed down by other load still finishes in bounded time.
+    """
     inputs = {b: encode(tokenizer, b) for b in BATCHES}
     names = config_names()
     log(f"warm-up ({warmup} generations per batch size and configuration kind)")
@@ -145,20 +166,27 @@ def throughput(
 
     rng = random.Random(0)
     runs: list[dict[str, Any]] = []  # every timed generation, in the order it ran
+    started = time.perf_counter()
+    rounds = 0
     for r in range(repeats):
+        if r >= min(3, repeats) and time.perf_counter() - started > budget_s:
+            log(f"time budget of {budget_s:.0f} s spent: stopping after {r} rounds")
+            break
+        rounds = r + 1
         order = names[:]
         rng.shuffle(order)
         batches = list(BATCHES) if r % 2 == 0 else list(reversed(BATCHES))
         for name in order:
             set_config(model, patches, name)
             for b in batches:
-                seconds, generated = generate_once(model, inputs[b], new_tokens)
+                seconds, cpu_seconds, generated = generate_once(model, inputs[b], new_tokens)
                 runs.append(
                     dict(
                         round=r,
                         config=name,
                         batch=b,
                         seconds=seconds,
+                        cpu_seconds=cpu_seconds,
                         tokens=generated,
                         tokens_per_s=generated / seconds,
                     )
@@ -194,7 +222,15 @@ def throughput(
                 slowdown_pct=(1 - ratio) * 100,
             )
         results[str(b)] = rows
-    return dict(new_tokens=new_tokens, repeats=repeats, warmup=warmup, runs=runs, batches=results)
+    return dict(
+        new_tokens=new_tokens,
+        repeats=rounds,
+        repeats_requested=repeats,
+        budget_s=budget_s,
+        warmup=warmup,
+        runs=runs,
+        batches=results,
+    )
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -260,8 +296,7 @@ def file_size(patch: neuronpatch.Patch, arch: ModelArch) -> dict[str, Any]:
     neurons = patch.num_neurons
     delta_bytes = sum(ld.deltas.numel() * ld.deltas.element_size() for ld in patch.layers.values())
     index_bytes = sum(
-        ld.neuron_indices.numel() * ld.neuron_indices.element_size()
-        for ld in patch.layers.values()
+        ld.neuron_indices.numel() * ld.neuron_indices.element_size() for ld in patch.layers.values()
     )
     fp = patch.base_fingerprint
     fp_bytes = fp.numel() * fp.element_size() if fp is not None else 0
@@ -287,26 +322,86 @@ def file_size(patch: neuronpatch.Patch, arch: ModelArch) -> dict[str, Any]:
 # --- per-layer hook cost -----------------------------------------------------------------
 
 
-def _per_call(fn: Callable[[], Any], iters: int, repeats: int) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` timed loops of ``iters`` calls."""
-    for _ in range(max(1, iters // 10)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+def _interleaved_min(
+    fns: dict[str, Callable[[], Any]], iters: int, repeats: int
+) -> dict[str, float]:
+    """Seconds per call of each function: the fastest of ``repeats`` loops of ``iters`` calls.
+
+    The functions take turns within every repeat, so a burst of load from other processes
+    hits them alike; the minimum discards such bursts (they only ever add time).
+    """
+    for fn in fns.values():
+        for _ in range(max(1, iters // 10)):
             fn()
-        samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / iters)
+    return best
+
+
+@dataclass
+class _HookCase:
+    """One hooked layer: W_out, its neuronpatch hook, and the tensors of one decode step."""
+
+    module: torch.nn.Module  # W_out
+    hook: Callable  # the neuronpatch forward hook registered on it
+    q: torch.Tensor  # [b, 1, intermediate]  W_out's input
+    idx: torch.Tensor  # [n]  folded neuron indices
+    deltas: torch.Tensor  # [n, hidden]  folded deltas
+    base: torch.Tensor  # [b, 1, hidden]  W_out's output
+    picked: torch.Tensor  # [b, 1, n]  q[..., idx]
+    extra: torch.Tensor  # [b, 1, hidden]  picked @ deltas
+
+    @classmethod
+    def build(cls, arch: ModelArch, state, layer: int, batch: int, g: torch.Generator):
+        module, fold = arch.w_out[layer], state.folds[layer]
+        hook = module._forward_hooks[state.hooks[layer].id]
+        q = torch.randn(batch, 1, arch.intermediate_size, generator=g)
+        picked = q[..., fold.neuron_indices]
+        return cls(
+            module,
+            hook,
+            q,
+            fold.neuron_indices,
+            fold.deltas,
+            module.forward(q),
+            picked,
+            picked @ fold.deltas,
+        )
+
+
+def _hook_ops(cases: list[_HookCase]) -> dict[str, Callable[[], Any]]:
+    """Each timed operation, run once for every hooked layer (one decode step's worth).
+
+    ``dispatch`` vs ``plain`` is nn.Module's forward-hook machinery alone: an Identity with a
+    hook that does nothing, vs without hooks (nn.Module takes a fast path when there are none).
+    """
+    plain = torch.nn.Identity()
+    hooked = torch.nn.Identity()
+    hooked.register_forward_hook(lambda mod, args, output: None)
+    return {
+        "w_out": lambda: [c.module.forward(c.q) for c in cases],
+        "hook_fn": lambda: [c.hook(c.module, (c.q,), c.base) for c in cases],
+        "gather": lambda: [c.q[..., c.idx] for c in cases],
+        "matmul": lambda: [c.picked @ c.deltas for c in cases],
+        "add": lambda: [c.base + c.extra for c in cases],
+        "plain": lambda: [plain(c.q) for c in cases],
+        "dispatch": lambda: [hooked(c.q) for c in cases],
+    }
 
 
 def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> dict[str, Any]:
-    """Per decode step (one new token per sequence), what the hooks add, summed over layers.
+    """What the hooks add to one decode step (one new position per sequence), all layers.
 
-    ``module.forward(q)`` is W_out without hook dispatch; ``module(q)`` goes through
-    nn.Module's hook path and the neuronpatch hook; the difference is the hook's full cost,
-    which is split into the gather ``q[..., idx]``, the matmul ``@ deltas``, the add, and
-    the rest (Python and hook-dispatch overhead).
+    Measured directly rather than as (W_out with hook) - (W_out without), a small difference
+    of two large, noisy numbers: the hook's cost is nn.Module's hook dispatch plus the hook
+    function itself (called directly on one decode step's tensors); the hook function is split
+    into its three tensor ops, each timed alone, gather ``q[..., idx]``, matmul ``@ deltas``
+    and the add, and the rest (the closure's Python).
     """
     arch = resolve(model)
     out: dict[str, Any] = {}
@@ -315,44 +410,35 @@ def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> d
         state = _state(model)
         for b in BATCHES:
             g = torch.Generator().manual_seed(0)
-            totals = dict.fromkeys(("forward", "hooked", "gather", "matmul", "add"), 0.0)
-            sizes = []
             with torch.inference_mode():
-                for layer, fold in sorted(state.folds.items()):
-                    module = arch.w_out[layer]
-                    q = torch.randn(b, 1, arch.intermediate_size, generator=g)  # [b, 1, inter]
-                    idx, deltas = fold.neuron_indices, fold.deltas  # [n], [n, hidden]
-                    base = module.forward(q)  # [b, 1, hidden]
-                    picked = q[..., idx]  # [b, 1, n]
-                    extra = picked @ deltas  # [b, 1, hidden]
-                    sizes.append(len(idx))
-                    totals["forward"] += _per_call(lambda m=module, x=q: m.forward(x), iters, repeats)
-                    totals["hooked"] += _per_call(lambda m=module, x=q: m(x), iters, repeats)
-                    totals["gather"] += _per_call(lambda x=q, i=idx: x[..., i], iters, repeats)
-                    totals["matmul"] += _per_call(
-                        lambda p=picked, d=deltas: p @ d, iters, repeats
-                    )
-                    totals["add"] += _per_call(lambda o=base, e=extra: o + e, iters, repeats)
-            hook = totals["hooked"] - totals["forward"]
-            kernels = totals["gather"] + totals["matmul"] + totals["add"]
+                cases = [_HookCase.build(arch, state, layer, b, g) for layer in sorted(state.folds)]
+                t = _interleaved_min(_hook_ops(cases), iters, repeats)
+            sizes = [len(c.idx) for c in cases]
+            kernels = t["gather"] + t["matmul"] + t["add"]
+            dispatch = t["dispatch"] - t["plain"]
             row = dict(
-                hooked_layers=len(sizes),
+                patches=n,
+                batch=b,
+                hooked_layers=len(cases),
                 neurons_per_layer_mean=statistics.mean(sizes),
                 neurons_per_layer_max=max(sizes),
-                w_out_forward_us=totals["forward"] * 1e6,
-                w_out_hooked_us=totals["hooked"] * 1e6,
-                hook_total_us=hook * 1e6,
-                gather_us=totals["gather"] * 1e6,
-                matmul_us=totals["matmul"] * 1e6,
-                add_us=totals["add"] * 1e6,
-                python_dispatch_us=(hook - kernels) * 1e6,
+                w_out_forward_us=t["w_out"] * 1e6,
+                hook_total_us=(t["hook_fn"] + dispatch) * 1e6,
+                hook_fn_us=t["hook_fn"] * 1e6,
+                gather_us=t["gather"] * 1e6,
+                matmul_us=t["matmul"] * 1e6,
+                add_us=t["add"] * 1e6,
+                closure_python_us=(t["hook_fn"] - kernels) * 1e6,
+                hook_dispatch_us=dispatch * 1e6,
+                raw_us={k: v * 1e6 for k, v in t.items()},
             )
-            out[f"{n}/{b}"] = dict(patches=n, batch=b, **row)
+            out[f"{n}/{b}"] = row
             log(
                 f"hook cost per decode step, {n} patches, batch {b}: "
-                f"{row['hook_total_us']:.0f} us over {len(sizes)} layers "
+                f"{row['hook_total_us']:.0f} us over {len(cases)} layers "
                 f"(gather {row['gather_us']:.0f}, matmul {row['matmul_us']:.0f}, "
-                f"add {row['add_us']:.0f}, python/dispatch {row['python_dispatch_us']:.0f}); "
+                f"add {row['add_us']:.0f}, closure Python {row['closure_python_us']:.0f}, "
+                f"hook dispatch {row['hook_dispatch_us']:.0f}); "
                 f"W_out itself {row['w_out_forward_us']:.0f} us"
             )
     set_config(model, patches, UNPATCHED)
@@ -378,6 +464,7 @@ def machine_info() -> dict[str, Any]:
         cpu_model=cpu,
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         torch=torch.__version__,
         transformers=transformers.__version__,
         neuronpatch=neuronpatch.__version__,
@@ -393,18 +480,62 @@ def _loadavg() -> str | None:
         return None
 
 
-def targets_verdict(tp: dict[str, Any]) -> tuple[bool, list[str]]:
-    met, parts = True, []
+def predicted_slowdown(results: dict[str, Any], count: int, batch: int) -> float:
+    """The slowdown % the microbenchmarked hook cost implies: hook time / unpatched step time."""
+    tps = results["throughput"]["batches"][str(batch)][UNPATCHED]["tokens_per_s_median"]
+    step_us = batch / tps * 1e6  # one decode step generates one token per sequence
+    return results["hook_breakdown"][f"{count}/{batch}"]["hook_total_us"] / step_us * 100
+
+
+def assess_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target checked two ways: the end-to-end slowdown (against this run's A/A noise
+    floor) and the slowdown the per-step hook microbenchmark predicts."""
+    tp = results["throughput"]["batches"]
+    checks = []
     for count, limit in TARGETS.items():
         for b in BATCHES:
-            slow = tp["batches"][str(b)][str(count)]["slowdown_pct"]
-            ok = slow <= limit
-            met &= ok
-            parts.append(
-                f"{count} patch{'es' if count > 1 else ''}, batch {b}: {slow:+.1f} % "
-                f"(target <= {limit:g} %: {'met' if ok else 'NOT met'})"
+            slow = tp[str(b)][str(count)]["slowdown_pct"]
+            control = tp[str(b)][CONTROL]
+            noise = max(  # how far two identical configurations land apart in this run
+                abs(control["slowdown_pct"]), (control["ratio_q75"] - control["ratio_q25"]) * 50
             )
-    return met, parts
+            if slow <= limit:
+                measured = "met"
+            elif slow <= limit + noise:
+                measured = "within noise"
+            else:
+                measured = "NOT met"
+            predicted = predicted_slowdown(results, count, b)
+            checks.append(
+                dict(
+                    patches=count,
+                    batch=b,
+                    limit_pct=limit,
+                    measured_slowdown_pct=slow,
+                    noise_floor_pct=noise,
+                    measured=measured,
+                    predicted_slowdown_pct=predicted,
+                    predicted="met" if predicted <= limit else "NOT met",
+                )
+            )
+    verdicts = {c["measured"] for c in checks}
+    overall = (
+        "NOT met" if "NOT met" in verdicts else "met" if verdicts == {"met"} else "inconclusive"
+    )
+    predicted_overall = "met" if all(c["predicted"] == "met" for c in checks) else "NOT met"
+    return dict(checks=checks, measured=overall, predicted=predicted_overall)
+
+
+def _target_lines(targets: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in targets["checks"]:
+        lines.append(
+            f"{c['patches']} patch{'es' if c['patches'] > 1 else ''}, batch {c['batch']}: "
+            f"measured {c['measured_slowdown_pct']:+.1f} % (A/A noise {c['noise_floor_pct']:.1f} "
+            f"%): {c['measured']}; microbenchmark predicts {c['predicted_slowdown_pct']:+.1f} %: "
+            f"{c['predicted']} (target <= {c['limit_pct']:g} %)"
+        )
+    return lines
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -419,13 +550,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "# neuronpatch runtime overhead",
         "",
         f"Model `{results['model']}` (fp32), {info['cpu_model']}, {info['torch_threads']} torch "
-        f"threads, torch {info['torch']}, transformers {info['transformers']}, {info['date']}"
+        f"threads (OMP_WAIT_POLICY={info['omp_wait_policy']}), torch {info['torch']}, transformers {info['transformers']}, {info['date']}"
         f"{' (quick run)' if results['quick'] else ''}.",
         f"Load average before/after: `{results['loadavg_start']}` / `{results['loadavg_end']}`.",
         "",
         f"Greedy generation of {tp['new_tokens']} new tokens per sequence; each patch has "
         f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. "
-        f"{tp['repeats']} rounds, each running every configuration once in a random order. "
+        f"{tp['repeats']} rounds (of {tp['repeats_requested']} requested), each running every "
+        "configuration once in a random order. "
         "Ratio = median over rounds of tokens/s divided by the same round's unpatched "
         "tokens/s (IQR in brackets); slowdown = 1 - ratio. `unpatched (A/A)` is a second "
         "unpatched configuration: its slowdown is the noise floor of this run.",
@@ -443,13 +575,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"[{row['ratio_q25']:.3f}, {row['ratio_q75']:.3f}] | "
                 f"{row['slowdown_pct']:+.1f} |"
             )
-    met, parts = targets_verdict(tp)
-    noise = max(abs(tp["batches"][str(b)][CONTROL]["slowdown_pct"]) for b in BATCHES)
+    targets = results["targets"]
     lines += [
         "",
-        f"**Targets: <= 2 % slowdown with 1 patch and <= 10 % with 1000 patches: "
-        f"{'met' if met else 'NOT met'}.** " + "; ".join(parts) + ". "
-        f"Noise floor (A/A |slowdown|, max over batches): {noise:.1f} %.",
+        "**Targets: <= 2 % slowdown with 1 patch and <= 10 % with 1000 patches. "
+        f"End-to-end: {targets['measured']}; per the hook microbenchmark: "
+        f"{targets['predicted']}.** A measured slowdown above the target but within the "
+        "A/A noise floor (the larger of the A/A median slowdown and half its IQR) counts as "
+        "'within noise'.",
+        "",
+        *(f"- {line}" for line in _target_lines(targets)),
         "",
         "## Apply / remove",
         "",
@@ -482,34 +617,32 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         "## Hook cost per decode step (microbenchmark)",
         "",
-        "Per generated token (one position per sequence), summed over the hooked layers: "
-        "`W_out` alone (`module.forward`) vs through the hook (`module(q)`); the hook's cost "
-        "split into gather `q[..., idx]`, matmul `@ deltas`, add, and the remainder (Python "
-        "and hook dispatch).",
+        "Per generated token (one position per sequence), summed over the hooked layers, "
+        "fastest of several interleaved loops: the hook's total cost = nn.Module hook dispatch "
+        "+ the hook function, which is split into gather `q[..., idx]`, matmul `@ deltas`, the "
+        "add, and the closure's own Python. `W_out` (the down-projection itself, no hook) is "
+        "given for scale.",
         "",
-        "| patches | batch | layers | neurons/layer | W_out us | hook us | gather us | matmul us "
-        "| add us | python/dispatch us |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| patches | batch | layers | neurons/layer | W_out us | hook total us | gather us "
+        "| matmul us | add us | closure Python us | hook dispatch us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, row in hooks.items():
+    for row in hooks.values():
         lines.append(
             f"| {row['patches']} | {row['batch']} | {row['hooked_layers']} | "
             f"{row['neurons_per_layer_mean']:.0f} | {row['w_out_forward_us']:.0f} | "
             f"{row['hook_total_us']:.0f} | {row['gather_us']:.0f} | {row['matmul_us']:.0f} | "
-            f"{row['add_us']:.0f} | {row['python_dispatch_us']:.0f} |"
+            f"{row['add_us']:.0f} | {row['closure_python_us']:.0f} | "
+            f"{row['hook_dispatch_us']:.0f} |"
         )
     for b in BATCHES:
-        base_tps = tp["batches"][str(b)][UNPATCHED]["tokens_per_s_median"]
-        step_us = b / base_tps * 1e6
+        tps = tp["batches"][str(b)][UNPATCHED]["tokens_per_s_median"]
         lines.append("")
         lines.append(
-            f"Batch {b}: an unpatched decode step takes ~{step_us / 1e3:.1f} ms, so the measured "
-            "hook cost predicts "
-            + ", ".join(
-                f"{hooks[f'{n}/{b}']['hook_total_us'] / step_us * 100:.1f} % for {n}"
-                for n in PATCH_COUNTS
-            )
-            + " slowdown."
+            f"Batch {b}: an unpatched decode step takes ~{b / tps * 1e3:.1f} ms, so the measured "
+            "hook cost predicts a slowdown of "
+            + ", ".join(f"{predicted_slowdown(results, n, b):.1f} % with {n}" for n in PATCH_COUNTS)
+            + " patches."
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -521,7 +654,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tp = results["throughput"]["batches"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.2))
     for b, color in zip(BATCHES, ("tab:blue", "tab:orange"), strict=False):
         rows = [tp[str(b)][str(n)] for n in PATCH_COUNTS]
         slow = [r["slowdown_pct"] for r in rows]
@@ -536,16 +669,25 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             color=color,
             label=f"batch {b} (bars: IQR over rounds)",
         )
+        predicted = [predicted_slowdown(results, n, b) for n in PATCH_COUNTS]
+        ax.plot(PATCH_COUNTS, predicted, color=color, ls="-.", lw=1, marker=".")
+        merged = tp[str(b)]["1000 merged"]["slowdown_pct"]
+        ax.plot([max(PATCH_COUNTS)], [merged], marker="x", ms=9, ls="none", color=color)
         noise = tp[str(b)][CONTROL]["slowdown_pct"]
         ax.axhline(noise, color=color, lw=0.8, alpha=0.5, ls=":")
     ax.plot([], [], color="grey", ls=":", lw=0.8, label="A/A noise floor (per batch)")
+    ax.plot([], [], color="grey", marker="x", ls="none", label="1000 patches merged")
+    ax.plot(
+        [], [], color="grey", ls="-.", lw=1, marker=".", label="predicted by hook microbenchmark"
+    )
     for count, limit in TARGETS.items():
         ax.axhline(limit, color="red" if count == 1 else "darkred", ls="--", lw=1)
         ax.annotate(
             f"target: <= {limit:g} % at {count} patch{'es' if count > 1 else ''}",
-            (PATCH_COUNTS[0], limit),
+            (count, limit),
             textcoords="offset points",
             xytext=(0, 3),
+            ha="left" if count == min(TARGETS) else "right",
             fontsize=8,
             color="darkred",
         )
@@ -555,7 +697,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"stacked patches ({NEURONS_PER_PATCH} neurons each)")
     ax.set_ylabel("slowdown vs unpatched (%)")
     ax.set_title(f"neuronpatch hook overhead, {results['model']}, CPU greedy generation")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, 0.85))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -573,14 +715,21 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(__file__).resolve().parent / "results",
         help="output folder (default: benchmarks/results)",
     )
-    parser.add_argument("--repeats", type=int, help="throughput rounds (default 9, quick 2)")
+    parser.add_argument("--repeats", type=int, help="throughput rounds (default 7, quick 2)")
     parser.add_argument("--new-tokens", type=int, help="tokens per generation (default 32)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="stop the throughput rounds after this many seconds, once 3 are done (default 480)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    repeats = args.repeats or (2 if quick else 9)
+    repeats = args.repeats or (2 if quick else 7)
     new_tokens = args.new_tokens or (8 if quick else 32)
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     def log(message: str) -> None:
@@ -615,22 +764,25 @@ def main(argv: list[str] | None = None) -> int:
     log(f"patch file: {results['file_size']['bytes_per_neuron']:.0f} bytes per neuron")
     results["apply_remove"] = apply_remove(model, patches, 2 if quick else 5, log)
     results["hook_breakdown"] = hook_breakdown(
-        model, patches, 100 if quick else 400, 3 if quick else 5, log
+        model, patches, 10 if quick else 50, 3 if quick else 7, log
     )
     results["throughput"] = throughput(
-        model, tokenizer, patches, repeats, new_tokens, 1 if quick else 2, log
+        model, tokenizer, patches, repeats, new_tokens, 1, args.budget_s, log
     )
     results["loadavg_end"] = _loadavg()
     results["wall_s"] = time.perf_counter() - t0
+    results["targets"] = assess_targets(results)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtime_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, args.out / "runtime_overhead.md")
     write_plot(results, args.out / "runtime_overhead.png")
-    met, parts = targets_verdict(results["throughput"])
-    for part in parts:
-        log(part)
-    log(f"targets {'met' if met else 'NOT met'}; wrote {args.out}/runtime_overhead.{{json,md,png}}")
+    for line in _target_lines(results["targets"]):
+        log(line)
+    log(
+        f"targets end-to-end: {results['targets']['measured']}, per microbenchmark: "
+        f"{results['targets']['predicted']}; wrote {args.out}/runtime_overhead.{{json,md,png}}"
+    )
     return 0
 
 

@@ -105,6 +105,7 @@ class Patch:
             fp = self.base_fingerprint.detach().to("cpu", torch.float32).contiguous()
             object.__setattr__(self, "base_fingerprint", fp)
         _validate(self)
+        object.__setattr__(self, "_patch_id", _content_hash(self))  # immutable: hash once
 
     # --- sizes and identity ------------------------------------------------------------
 
@@ -121,13 +122,7 @@ class Patch:
     @property
     def patch_id(self) -> str:
         """A short content hash of the edit itself (base identity, indices, deltas)."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.base.__dict__, sort_keys=True).encode())
-        for layer, ld in self.layers.items():
-            h.update(f"|{layer}|{ld.deltas.dtype}|".encode())
-            h.update(ld.neuron_indices.numpy().tobytes())
-            h.update(ld.deltas.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return self._patch_id
 
     def __repr__(self) -> str:
         edits = ", ".join(
@@ -338,6 +333,16 @@ def _validate(patch: Patch) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _content_hash(patch: Patch) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(patch.base.__dict__, sort_keys=True).encode())
+    for layer, ld in patch.layers.items():
+        h.update(f"|{layer}|{ld.deltas.dtype}|".encode())
+        h.update(ld.neuron_indices.numpy().tobytes())
+        h.update(ld.deltas.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _now() -> str:
