@@ -175,7 +175,8 @@ DEMO_PROMPTS = [
     ("edited prompt", "The capital of France is"),
     ("paraphrase", "France's capital city is"),
     ("neighbour (same relation)", "The capital of Germany is"),
-    ("unrelated", "The Eiffel Tower is located in the city of"),
+    ("related subject", "The Eiffel Tower is located in the city of"),
+    ("unrelated", "The currency of Japan is the"),
     ("unrelated", "The largest planet in the solar system is"),
 ]
 

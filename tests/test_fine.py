@@ -92,13 +92,13 @@ def test_locate_matches_brute_force_contribution_scores():
     ]
     with torch.no_grad():
         predicted = model(ids).logits[0, 2].argmax()
-    for h in hooks:
-        h.remove()
+        for h in hooks:
+            h.remove()
     unembed = model.lm_head.weight[predicted]
     brute = []
     for layer in range(3):
         w = model.transformer.h[layer].mlp.c_proj.weight  # [inter, hidden]
-        brute += [(float(acts[layer][i] * (w[i] @ unembed)), layer, i) for i in range(64)]
+        brute += [(float(acts[layer][i] * (w[i] @ unembed).detach()), layer, i) for i in range(64)]
     expected = sorted(brute, reverse=True)[:5]
     got = neuronpatch.locate(model, tok, request, k=5, frozen_layers=0)
     assert [(n.layer, n.index) for n in got] == [(layer, i) for _, layer, i in expected]

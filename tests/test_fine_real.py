@@ -112,3 +112,29 @@ def test_patch_is_small_and_inspectable(smollm2, edited, tmp_path):
     assert all(len(n["promotes"]) == 5 for n in info["neurons"])
     # The learned deltas push the new target up: it is among some neuron's delta tokens.
     assert any("euro" in t.lower() for n in info["neurons"] for t in n["delta_promotes"])
+
+
+def test_edit_on_gemma3(gemma3):
+    model, tok = gemma3
+    request = {
+        "prompt": "The Eiffel Tower is located in the city of",
+        "subject": "Eiffel Tower",
+        "target_new": "Rome",
+    }
+    before = greedy(model, tok, request["prompt"])
+    patch = neuronpatch.edit(model, tok, request)
+    assert patch.base.model_type == "gemma3_text" and patch.metrics["success"]
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, request["prompt"]).strip().startswith("Rome")
+    assert greedy(model, tok, request["prompt"]) == before
+
+
+def test_edit_on_a_bf16_model_applies_to_the_fp32_model(smollm2):
+    model32, tok = smollm2
+    model16, _ = neuronpatch.load_model("smollm2-135m", dtype=torch.bfloat16)
+    patch = neuronpatch.edit(model16, tok, FACTS[2])
+    assert all(ld.deltas.dtype == torch.float32 for ld in patch.layers.values())
+    with neuronpatch.applied(model16, patch):
+        assert greedy(model16, tok, FACTS[2]["prompt"]).strip().startswith("Saturn")
+    with neuronpatch.applied(model32, patch):  # same base weights: the fingerprint matches
+        assert greedy(model32, tok, FACTS[2]["prompt"]).strip().startswith("Saturn")
