@@ -1,0 +1,164 @@
+"""The quality table: KnowEdit / CounterFact metrics per model, method and ablation.
+
+Each row is one ``neuronpatch eval`` run (resumable, in ``--work``); its summary.json is kept
+in ``benchmarks/results/quality/`` and collated into ``quality.md`` / ``quality.json`` with the
+paper's rows beside ours for shape (other models, the test split: compare shape, not digits).
+
+    python benchmarks/quality.py --n 300                 # run every row (hours on 2 CPU cores)
+    python benchmarks/quality.py --only smollm2 --n 30   # a subset
+    python benchmarks/quality.py --collate-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STORE = HERE / "results" / "quality"
+DATA = {
+    "zsre": "knowedit_zsre_ZsRE-test-all.json",
+    "wiki_cf": "knowedit_wiki_counterfact_train_cf.json",
+    "counterfact": "easyedit_counterfact_counterfact-val.json",
+}
+# label -> hyperparameter overrides of the method's defaults
+VARIANTS = {
+    "FiNE": {},
+    "FiNE, random neurons": {"random_neurons": True},
+    "FiNE, no layer freezing": {"frozen_layers": 0},
+    "FiNE, k=1": {"k": 1},
+    "FiNE, k=10": {"k": 10},
+    "FiNE, k=20": {"k": 20},
+}
+MODELS = ("smollm2-135m", "gemma3-270m")
+COLUMNS = [
+    ("edit_succ", "Edit"),
+    ("portability.Subject_Aliasing", "SAA"),
+    ("portability.Logical_Generalization", "LGA"),
+    ("portability.Reasoning", "RA"),
+    ("rephrase", "Rephrase"),
+    ("locality.Relation_Specificity", "RSA"),
+    ("locality.Forgetfulness", "FA"),
+    ("locality.Neighborhood", "Neighb."),
+    ("fluency", "Fluency"),
+]
+# FiNE paper, WikiData_counterfact test split (DESIGN.md): Edit, SAA, LGA, RA, RSA, FA, Fluency
+PAPER = {
+    "LLaMA-3.2-1B FiNE (paper)": [98.5, 87.2, 21.6, 36.9, None, 84.3, 61.9, None, 561.3],
+    "LLaMA-3-8B FiNE (paper)": [100.0, 89.6, 22.4, 38.3, None, 90.5, 63.0, None, 567.1],
+    "LLaMA-3-8B ROME (paper)": [99.4, 74.6, 21.2, 34.5, None, 41.9, 31.5, None, 591.4],
+}
+
+
+def _slug(*parts: str) -> str:
+    return "__".join(p.replace(" ", "").replace(",", "_").replace("=", "") for p in parts)
+
+
+def run(
+    rows: list[tuple[str, str, str]], data_dir: Path, n: int, work: Path, fluency: bool
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    STORE.mkdir(parents=True, exist_ok=True)
+    for model, dataset, variant in rows:
+        out = work / _slug(model, dataset, variant)
+        cmd = [
+            sys.executable,
+            "-m",
+            "neuronpatch",
+            "eval",
+            "--model",
+            model,
+            "--data",
+            str(data_dir / DATA[dataset]),
+            "--n",
+            str(n),
+            "-o",
+            str(out),
+        ]
+        cmd += [] if fluency else ["--no-fluency"]
+        for key, value in VARIANTS[variant].items():
+            cmd += ["--hparam", f"{key}={json.dumps(value)}"]
+        subprocess.run(cmd, check=True, env=env)
+        (STORE / f"{_slug(model, dataset, variant)}.json").write_text(
+            (out / "summary.json").read_text()
+        )
+
+
+def _cell(metric: dict | None, pre: bool = False) -> str:
+    value = (metric or {}).get("pre" if pre else "post")
+    return "—" if not value else f"{value['mean']:.1f} ± {(value['high'] - value['low']) / 2:.1f}"
+
+
+def collate() -> None:
+    collected, lines = [], []
+    header = "| model | data | row | n | " + " | ".join(t for _, t in COLUMNS)
+    header += " | s/edit | params | bytes | peak MiB |"
+    for model in MODELS:
+        for dataset in DATA:
+            pre_done = False
+            for variant in VARIANTS:
+                path = STORE / f"{_slug(model, dataset, variant)}.json"
+                if not path.exists():
+                    continue
+                s = json.loads(path.read_text())
+                collected.append({"model": model, "dataset": dataset, "row": variant, **s})
+                metrics = s["metrics"]
+                if not pre_done:
+                    lines.append(
+                        f"| {model} | {dataset} | pre-edit | {s['n']} | "
+                        + " | ".join(_cell(metrics.get(k), pre=True) for k, _ in COLUMNS)
+                        + " | | | | |"
+                    )
+                    pre_done = True
+                lines.append(
+                    f"| {model} | {dataset} | {variant} | {s['n']} | "
+                    + " | ".join(_cell(metrics.get(k)) for k, _ in COLUMNS)
+                    + f" | {s['seconds_per_edit_median']:.1f} | {s['params_per_edit_mean']:,.0f}"
+                    + f" | {s['patch_bytes_mean']:,.0f} | {s['peak_rss_mib']:,.0f} |"
+                )
+    for label, values in PAPER.items():
+        cells = " | ".join("—" if v is None else f"{v:.1f}" for v in values)
+        lines.append(f"| {label} | wiki_cf (test) | | | {cells} | | | | |")
+    md = [
+        "# Quality: KnowEdit metrics on the embedded models",
+        "",
+        "Post-edit mean x100 ± half-width of the 95% CI; locality = agreement with the unedited",
+        "model's argmax. Our WikiData_counterfact is the *train* split (the test split is not",
+        "available here); the paper rows are other models on the test split: compare shape only.",
+        "Targets: Edit >= 99, RSA >= 90, fluency within 3 % of pre-edit.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+        *lines,
+    ]
+    (HERE / "results" / "quality.md").write_text("\n".join(md) + "\n")
+    (HERE / "results" / "quality.json").write_text(json.dumps(collected, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--only", help="substring filter on 'model dataset row'")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--no-fluency", action="store_true")
+    parser.add_argument("--collate-only", action="store_true")
+    args = parser.parse_args()
+    rows = [
+        (m, d, v)
+        for m in MODELS
+        for d in DATA
+        for v in VARIANTS
+        if not args.only or args.only in f"{m} {d} {v}"
+    ]
+    if not args.collate_only:
+        run(rows, args.data_dir, args.n, args.work, not args.no_fluency)
+    collate()
+
+
+if __name__ == "__main__":
+    main()
