@@ -6,11 +6,10 @@ import argparse
 import importlib
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import CharTokenizer, build_tiny
 
 import neuronpatch.cli
 from neuronpatch.datasets import EditRecord, load_records
@@ -66,22 +65,6 @@ RECORDS = [
         },
     },
 ]  # fmt: skip
-
-
-class CharTokenizer:
-    """A byte-level stand-in tokenizer for the tiny random models (vocab 128, BOS 1)."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = ([self.bos_token_id] if add_special_tokens else []) + [
-            3 + b % 125 for b in text.encode()
-        ]
-        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
-
-    def decode(self, ids, skip_special_tokens=False):
-        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) == self.bos_token_id)]
-        return "".join(" " if i % 5 == 0 else chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.fixture
