@@ -217,11 +217,14 @@ def _trainable_deltas(
 
 
 @contextmanager
-def _replayed_prefix(arch: ModelArch, first_edited: int, input_ids, model) -> Iterator[None]:
+def _replayed_prefix(
+    arch: ModelArch, first_edited: int, input_ids, model
+) -> Iterator[torch.Tensor]:
     """Replay the outputs of the layers below the lowest edited one instead of recomputing them.
 
     Deltas only change what happens from ``first_edited`` upwards, so the blocks below give
     the same output at every optimisation step: record each once, then return the record.
+    Yields the unedited logits [S, vocab] of the recording pass.
     """
     prefix = arch.decoder_layers[:first_edited]
     outputs: list = [None] * len(prefix)
@@ -235,14 +238,14 @@ def _replayed_prefix(arch: ModelArch, first_edited: int, input_ids, model) -> It
     handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(prefix)]
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            logits = model(input_ids=input_ids, use_cache=False).logits[0]
     finally:
         for handle in handles:
             handle.remove()
     for layer, output in zip(prefix, outputs, strict=True):
         layer.forward = lambda *args, _output=output, **kwargs: _output
     try:
-        yield
+        yield logits
     finally:
         for layer in prefix:
             del layer.forward
@@ -287,20 +290,16 @@ def edit_fine(
         optimizer = torch.optim.Adam(deltas.values(), lr=hp.lr)
 
         positions = tf.answer_positions.to(device)
-        prompt_positions = slice(
-            0, tf.prompt_len - 1
-        )  # KL on the prompt, all but its last position
-        with torch.no_grad():
-            orig_logits = model(input_ids=tf.input_ids, use_cache=False).logits[0].float()
-            orig_logp = F.log_softmax(orig_logits[prompt_positions], dim=-1)  # [P-1, vocab]
+        prompt_positions = slice(0, tf.prompt_len - 1)  # KL on the prompt but its last position
         stop_nll = -math.log(hp.early_stop_prob)
 
         steps = 0
         first_edited = min(groups, default=0)
         with (
-            _replayed_prefix(arch, first_edited, tf.input_ids, model),
+            _replayed_prefix(arch, first_edited, tf.input_ids, model) as orig_logits,
             _trainable_deltas(arch, index_tensors, deltas),
         ):
+            orig_logp = F.log_softmax(orig_logits[prompt_positions].float(), dim=-1)  # [P-1, vocab]
             while True:
                 logits = model(input_ids=tf.input_ids, use_cache=False).logits[0].float()
                 logp = F.log_softmax(logits, dim=-1)  # [S, vocab]
