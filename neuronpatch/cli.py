@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import batch, hub, peft_export, runtime, stacking
 from .editor import DEFAULT_METHOD, METHODS, edit, make_hparams
 from .errors import NeuronpatchError
 from .evaluate import add_eval_subparser
@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_eval_subparser(sub)
+    hub.add_subparsers(sub)
+    peft_export.add_subparsers(sub)
+    stacking.add_subparsers(sub)
+    batch.add_subparsers(sub)
     return parser
 
 

@@ -108,3 +108,41 @@ class InvalidRequestError(NeuronpatchError, ValueError):
 
 class InvalidHparamsError(NeuronpatchError, ValueError):
     """An editing method was given an unknown or out-of-range hyperparameter."""
+
+
+# --- gates -----------------------------------------------------------------------------
+
+
+class GateError(InvalidPatchError):
+    """A patch's gate is malformed (non-finite key, threshold out of range, wrong width, ...)."""
+
+
+class GatedPatchError(NeuronpatchError):
+    """The operation cannot be exact for a gated patch (merge into weights, LoRA export)."""
+
+
+# --- sharing ---------------------------------------------------------------------------
+
+
+class HubError(NeuronpatchError):
+    """A HuggingFace Hub operation on a patch failed."""
+
+
+class HubNotFoundError(HubError, PatchNotFoundError):
+    """The Hub repo, revision or file does not exist (or is not reachable)."""
+
+
+class AmbiguousHubPatchError(HubError):
+    """A Hub repo holds several patches and the address did not say which one."""
+
+
+class HubIntegrityError(HubError, CorruptPatchError):
+    """Downloaded bytes do not match what the Hub says the file is."""
+
+
+class ExportError(NeuronpatchError):
+    """A patch could not be exported to another format (e.g. a PEFT LoRA adapter)."""
+
+
+class StackError(NeuronpatchError):
+    """Patches could not be stacked, unstacked or diffed (different bases, no provenance, ...)."""

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -274,6 +274,62 @@ class Patch:
             library_version=meta["library_version"],
             source=source,
         )
+
+    # --- sharing (implemented in hub, peft_export and stacking) ------------------------
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        filename: str | None = None,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Upload the patch to a Hub repo and update its model card; returns the file's URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            filename,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+        )
+
+    @classmethod
+    def from_hub(
+        cls,
+        repo_id: str,
+        filename: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+    ) -> Patch:
+        """Download a patch from a Hub repo (cached; works offline once cached)."""
+        from .hub import from_hub
+
+        return from_hub(repo_id, filename, revision=revision, token=token)
+
+    def to_peft(self, directory: str | os.PathLike[str], *, approximate: bool = False) -> Path:
+        """Write the patch as a standard PEFT LoRA adapter folder; returns the folder."""
+        from .peft_export import to_peft
+
+        return to_peft(self, directory, approximate=approximate)
+
+    @staticmethod
+    def stack(patches: Sequence[Patch]) -> Patch:
+        """One patch holding every edit of ``patches``, with per-edit provenance."""
+        from .stacking import stack
+
+        return stack(patches)
+
+    def unstack(self) -> list[Patch]:
+        """The single-edit patches this stacked patch was made from."""
+        from .stacking import unstack
+
+        return unstack(self)
 
 
 # --- validation ------------------------------------------------------------------------

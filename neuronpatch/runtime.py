@@ -62,6 +62,10 @@ def load_patch(source: PatchLike) -> Patch:
     """A Patch from a Patch, a local path, or (with the hub module) an ``hf://`` address."""
     if isinstance(source, Patch):
         return source
+    if isinstance(source, str) and source.startswith("hf://"):
+        from .hub import load_hf
+
+        return load_hf(source)
     if isinstance(source, (str, os.PathLike)):
         return Patch.load(source)
     raise TypeError(f"expected a Patch, a path or a list of them, got {type(source).__name__}")
