@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import (
     CorruptPatchError,
     FormatVersionError,
+    GateError,
     IndexOutOfRangeError,
     NonFiniteDeltaError,
     NotAPatchError,
@@ -33,12 +34,14 @@ from .errors import (
 )
 
 FORMAT_NAME = "neuronpatch"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2  # written only by gated patches; ungated ones are still version 1
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+GATE_KINDS = ("subject",)
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]{0,5})\.(neuron_indices|deltas)$")
+_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]{0,5})\.(neuron_indices|deltas|gate_ids)$")
+_GATE_TENSOR = re.compile(r"^gates\.(0|[1-9][0-9]{0,5})\.(key|centre)$")
 _FINGERPRINT = "base_fingerprint"
 _DELTA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,6 +69,37 @@ class LayerDelta:
 
     neuron_indices: torch.Tensor  # int64 [k]
     deltas: torch.Tensor  # float [k, hidden]
+    gate_ids: torch.Tensor | None = None  # int64 [k]: row j's gate in Patch.gates, -1 = ungated
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """Decides per position whether the rows it guards are added (``patches/FORMAT.md``, v2).
+
+    Kind ``"subject"``: read the residual stream ``h`` output by decoder layer ``layer``; a
+    position *matches* when ``cos(h - centre, key) > threshold``; the gate is open at every
+    position from the first match of the sequence on (and through later KV-cache steps).
+    """
+
+    layer: int
+    key: torch.Tensor  # float32 [hidden]
+    centre: torch.Tensor  # float32 [hidden]
+    threshold: float
+    kind: str = "subject"
+
+    def __post_init__(self) -> None:
+        for name in ("key", "centre"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise GateError(f"gate {name} must be a tensor, got {type(value).__name__}")
+            object.__setattr__(self, name, value.detach().to("cpu", torch.float32).contiguous())
+
+    def equals(self, other: Gate) -> bool:
+        return (
+            (self.kind, self.layer, self.threshold) == (other.kind, other.layer, other.threshold)
+            and torch.equal(self.key, other.key)
+            and torch.equal(self.centre, other.centre)
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +109,7 @@ class Patch:
     layers: Mapping[int, LayerDelta]
     base: BaseModelInfo
     base_fingerprint: torch.Tensor | None = None  # float32 [num_layers, samples]
+    gates: tuple[Gate, ...] = ()
     requests: tuple[dict[str, Any], ...] = ()
     method: str = "manual"
     hparams: Mapping[str, Any] = field(default_factory=dict)
@@ -95,12 +130,29 @@ class Patch:
                     f"{self.source or 'patch'}: layer {layer} neuron_indices must be an "
                     f"integer tensor, got {dtype}"
                 )
+            gate_ids = entry.gate_ids
+            if gate_ids is not None:
+                if gate_ids.dtype == torch.bool or gate_ids.dtype.is_floating_point:
+                    raise GateError(
+                        f"{self.source or 'patch'}: layer {layer} gate_ids must be an integer "
+                        f"tensor, got {gate_ids.dtype}"
+                    )
+                gate_ids = gate_ids.detach().to("cpu", torch.int64).contiguous()
             layers[int(layer)] = LayerDelta(
                 entry.neuron_indices.detach().to("cpu", torch.int64).contiguous(),
                 entry.deltas.detach().to("cpu").contiguous(),
+                gate_ids,
             )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "requests", tuple(dict(r) for r in self.requests))
+        object.__setattr__(self, "gates", tuple(self.gates))
+        for layer, ld in layers.items():  # canonical form: gate_ids exactly when gates exist
+            if not self.gates:
+                layers[layer] = LayerDelta(ld.neuron_indices, ld.deltas)
+            elif ld.gate_ids is None:
+                layers[layer] = LayerDelta(
+                    ld.neuron_indices, ld.deltas, torch.full_like(ld.neuron_indices, -1)
+                )
         if self.base_fingerprint is not None:
             fp = self.base_fingerprint.detach().to("cpu", torch.float32).contiguous()
             object.__setattr__(self, "base_fingerprint", fp)
@@ -118,6 +170,14 @@ class Patch:
     def num_params(self) -> int:
         """Number of delta values (neurons x hidden size)."""
         return sum(ld.deltas.numel() for ld in self.layers.values())
+
+    @property
+    def is_gated(self) -> bool:
+        """Whether any row is guarded by a gate (such a patch cannot be merged or exported exactly)."""
+        return any(
+            ld.gate_ids is not None and bool((ld.gate_ids >= 0).any())
+            for ld in self.layers.values()
+        )
 
     @property
     def patch_id(self) -> str:
@@ -150,11 +210,17 @@ class Patch:
         for layer, ld in self.layers.items():
             tensors[f"layers.{layer}.neuron_indices"] = ld.neuron_indices
             tensors[f"layers.{layer}.deltas"] = ld.deltas
+            if self.gates and ld.gate_ids is not None:
+                tensors[f"layers.{layer}.gate_ids"] = ld.gate_ids
+        for g, gate in enumerate(self.gates):
+            tensors[f"gates.{g}.key"] = gate.key
+            tensors[f"gates.{g}.centre"] = gate.centre
         if self.base_fingerprint is not None:
             tensors[_FINGERPRINT] = self.base_fingerprint
         metadata = {
             "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
+            # version 1 bytes stay exactly as they were for every ungated patch
+            "format_version": "2" if self.gates else "1",
             "base_model": _dumps(self.base.__dict__),
             "requests": _dumps(list(self.requests)),
             "method": self.method,
@@ -164,6 +230,10 @@ class Patch:
             "created": self.created,
             "library_version": self.library_version,
         }
+        if self.gates:
+            metadata["gates"] = _dumps(
+                [{"kind": g.kind, "layer": g.layer, "threshold": g.threshold} for g in self.gates]
+            )
         return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -230,19 +300,27 @@ class Patch:
             raise CorruptPatchError(f"{source} is truncated or corrupted: {exc}") from None
 
         layers: dict[int, dict[str, torch.Tensor]] = {}
+        gate_tensors: dict[int, dict[str, torch.Tensor]] = {}
         fingerprint = tensors.pop(_FINGERPRINT, None)
         for name, tensor in tensors.items():
             match = _TENSOR_NAME.match(name)
-            if match is None:
+            gate_match = _GATE_TENSOR.match(name) if version == "2" else None
+            if gate_match is not None:
+                gate_tensors.setdefault(int(gate_match.group(1)), {})[gate_match.group(2)] = tensor
+                continue
+            if match is None or (match.group(2) == "gate_ids" and version != "2"):
                 raise CorruptPatchError(f"{source} holds an unexpected tensor {name!r}")
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+        gates = _read_gates(meta, gate_tensors, version, source)
         layer_deltas = {}
         for layer, parts in layers.items():
-            if set(parts) != {"neuron_indices", "deltas"}:
+            if set(parts) - {"gate_ids"} != {"neuron_indices", "deltas"}:
                 raise CorruptPatchError(
                     f"{source}: layer {layer} has {sorted(parts)}; needs neuron_indices and deltas"
                 )
-            layer_deltas[layer] = LayerDelta(parts["neuron_indices"], parts["deltas"])
+            layer_deltas[layer] = LayerDelta(
+                parts["neuron_indices"], parts["deltas"], parts.get("gate_ids")
+            )
 
         base_fields = _field(meta, "base_model", dict, source)
         try:
@@ -265,6 +343,7 @@ class Patch:
             layers=layer_deltas,
             base=base,
             base_fingerprint=fingerprint,
+            gates=gates,
             requests=tuple(requests),
             method=meta["method"],
             hparams=_field(meta, "hparams", dict, source),
@@ -370,14 +449,23 @@ def _validate(patch: Patch) -> None:
                 f"{where}: layer {layer} neuron index {bad} is out of range "
                 f"0..{base.intermediate_size - 1}"
             )
-        if idx.unique().numel() != idx.numel():
+        gate_ids = ld.gate_ids
+        if gate_ids is not None:
+            _validate_gate_ids(patch, layer, idx, gate_ids, where)
+            pairs = idx * (len(patch.gates) + 1) + (gate_ids + 1)  # (neuron, gate) as one int
+        else:
+            pairs = idx
+        if pairs.unique().numel() != pairs.numel():
             raise ShapeMismatchError(
-                f"{where}: layer {layer} lists a neuron index twice; sum their deltas into one row"
+                f"{where}: layer {layer} lists a neuron index twice under the same gate; "
+                "sum their deltas into one row"
             )
         if not torch.isfinite(deltas).all():
             raise NonFiniteDeltaError(
                 f"{where}: layer {layer} deltas contain NaN or Inf; the patch is unusable"
             )
+    for g, gate in enumerate(patch.gates):
+        _validate_gate(g, gate, base, where)
     fp = patch.base_fingerprint
     if fp is not None and (fp.dim() != 2 or fp.shape[0] != base.num_layers):
         raise ShapeMismatchError(
@@ -386,6 +474,83 @@ def _validate(patch: Patch) -> None:
         )
     if fp is not None and not torch.isfinite(fp).all():
         raise NonFiniteDeltaError(f"{where}: base_fingerprint contains NaN or Inf")
+
+
+def _validate_gate(g: int, gate: Gate, base: BaseModelInfo, where: str) -> None:
+    if gate.kind not in GATE_KINDS:
+        raise GateError(f"{where}: gate {g} has unknown kind {gate.kind!r}; known: {GATE_KINDS}")
+    if isinstance(gate.layer, bool) or not isinstance(gate.layer, int):
+        raise GateError(f"{where}: gate {g} layer must be an integer, got {gate.layer!r}")
+    if not 0 <= gate.layer < base.num_layers:
+        raise GateError(
+            f"{where}: gate {g} reads layer {gate.layer}, out of range 0..{base.num_layers - 1}"
+        )
+    for name in ("key", "centre"):
+        value = getattr(gate, name)
+        if value.shape != (base.hidden_size,):
+            raise GateError(
+                f"{where}: gate {g} {name} has shape {list(value.shape)}, expected "
+                f"[{base.hidden_size}] (the hidden size of {base.name_or_path})"
+            )
+        if not torch.isfinite(value).all():
+            raise GateError(f"{where}: gate {g} {name} contains NaN or Inf; the gate is unusable")
+    if not float(gate.key.norm()) > 0:
+        raise GateError(f"{where}: gate {g} key is all zeros; it can never match")
+    threshold = gate.threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise GateError(f"{where}: gate {g} threshold must be a number, got {threshold!r}")
+    if not -1.0 < threshold < 1.0:
+        raise GateError(
+            f"{where}: gate {g} threshold {threshold} is out of range; a cosine threshold "
+            "must lie strictly between -1 and 1"
+        )
+
+
+def _validate_gate_ids(
+    patch: Patch, layer: int, idx: torch.Tensor, gate_ids: torch.Tensor, where: str
+) -> None:
+    if gate_ids.shape != idx.shape:
+        raise GateError(
+            f"{where}: layer {layer} has {idx.numel()} neuron indices but gate_ids of shape "
+            f"{list(gate_ids.shape)}; they must match"
+        )
+    if gate_ids.numel() and (int(gate_ids.min()) < -1 or int(gate_ids.max()) >= len(patch.gates)):
+        raise GateError(
+            f"{where}: layer {layer} refers to a gate outside -1..{len(patch.gates) - 1} "
+            f"(the patch has {len(patch.gates)} gates; -1 means ungated)"
+        )
+    for g in gate_ids.unique().tolist():
+        if g >= 0 and patch.gates[g].layer >= layer:
+            raise GateError(
+                f"{where}: layer {layer} rows are guarded by gate {g}, which reads layer "
+                f"{patch.gates[g].layer}; a gate must read a layer below the rows it guards, "
+                "because it is computed before them in the forward pass"
+            )
+
+
+def _read_gates(
+    meta: dict[str, Any], tensors: dict[int, dict[str, torch.Tensor]], version: str, source: str
+) -> tuple[Gate, ...]:
+    if version != "2":
+        return ()
+    specs = _field(meta, "gates", list, source)
+    if sorted(tensors) != list(range(len(specs))):
+        raise CorruptPatchError(
+            f"{source}: metadata lists {len(specs)} gates but the tensors hold gates "
+            f"{sorted(tensors)}"
+        )
+    gates = []
+    for g, spec in enumerate(specs):
+        parts = tensors[g]
+        if not isinstance(spec, dict) or set(parts) != {"key", "centre"}:
+            raise CorruptPatchError(
+                f"{source}: gate {g} needs a metadata object and key + centre tensors"
+            )
+        kind, layer, threshold = spec.get("kind"), spec.get("layer"), spec.get("threshold")
+        if not isinstance(kind, str):
+            raise CorruptPatchError(f"{source}: gate {g} kind must be a string")
+        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind))
+    return tuple(gates)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -398,6 +563,11 @@ def _content_hash(patch: Patch) -> str:
         h.update(f"|{layer}|{ld.deltas.dtype}|".encode())
         h.update(ld.neuron_indices.numpy().tobytes())
         h.update(ld.deltas.view(torch.uint8).numpy().tobytes())
+        if patch.gates and ld.gate_ids is not None:
+            h.update(b"|gate_ids|" + ld.gate_ids.numpy().tobytes())
+    for gate in patch.gates:  # ungated patches hash exactly as before gates existed
+        h.update(f"|gate|{gate.kind}|{gate.layer}|{gate.threshold!r}|".encode())
+        h.update(gate.key.numpy().tobytes() + gate.centre.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
