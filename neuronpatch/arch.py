@@ -56,6 +56,7 @@ class ModelArch:
     hidden_size: int
     intermediate_size: int
     decoder_layers: tuple[nn.Module, ...] = ()  # the blocks that hold w_out, in order
+    decoder: nn.Module | None = None  # the module that runs the blocks (sees the KV cache)
 
     @property
     def num_layers(self) -> int:
@@ -106,7 +107,11 @@ def resolve(model: nn.Module) -> ModelArch:
     weight = w_out[0].weight
     # Linear: [hidden, inter]; Conv1D: [inter, hidden]
     intermediate, hidden = weight.shape if spec.conv1d else weight.shape[::-1]
-    return ModelArch(model_type, spec, w_out, int(hidden), int(intermediate), tuple(layers))
+    owner, _, _ = spec.layers_path.rpartition(".")
+    decoder = base.get_submodule(owner) if owner else base
+    return ModelArch(
+        model_type, spec, w_out, int(hidden), int(intermediate), tuple(layers), decoder
+    )
 
 
 def base_model_info(model: nn.Module) -> BaseModelInfo:

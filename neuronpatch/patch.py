@@ -417,6 +417,8 @@ class Patch:
 def _validate(patch: Patch) -> None:
     """Check shapes, dtypes, ranges and values; raise an InvalidPatchError naming the problem."""
     base, where = patch.base, patch.source or "patch"
+    for g, gate in enumerate(patch.gates):
+        _validate_gate(g, gate, base, where)
     for layer, ld in patch.layers.items():
         idx, deltas = ld.neuron_indices, ld.deltas
         if not 0 <= layer < base.num_layers:
@@ -464,8 +466,6 @@ def _validate(patch: Patch) -> None:
             raise NonFiniteDeltaError(
                 f"{where}: layer {layer} deltas contain NaN or Inf; the patch is unusable"
             )
-    for g, gate in enumerate(patch.gates):
-        _validate_gate(g, gate, base, where)
     fp = patch.base_fingerprint
     if fp is not None and (fp.dim() != 2 or fp.shape[0] != base.num_layers):
         raise ShapeMismatchError(

@@ -7,6 +7,12 @@ the hook costs one gather and one small matmul however many patches are stacked:
 
 The fold is rebuilt on every apply/remove. Layers without patches carry no hook, so a model
 with everything removed runs exactly the original code path.
+
+Gated rows (``patches/FORMAT.md`` v2) are folded separately: a hook on each gate's layer
+computes which gates are open at each position (``gates.GateBank``), and the layer's gated
+fold multiplies each row's activation by its gate: ``m' += (q[..., idx_g] * open[..., col]) @ D_g``.
+A pre-hook on the decoder resets the gates' state at the start of every new sequence and
+keeps it across KV-cache steps.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from .arch import ModelArch, resolve
 from .errors import (
     ArchitectureMismatchError,
     FingerprintMismatchError,
+    GatedPatchError,
     MergedStateError,
     PatchAlreadyAppliedError,
     PatchNotAppliedError,
 )
+from .gates import GateBank
 from .patch import Patch
 
 PatchLike = Patch | str | os.PathLike
@@ -45,10 +53,35 @@ class _LayerFold:
 
 
 @dataclass
+class _GatedFold:
+    """One layer's gated rows of every applied patch (rows of different gates stay apart)."""
+
+    neuron_indices: torch.Tensor  # int64 [n]
+    deltas: torch.Tensor  # [n, hidden]
+    columns: torch.Tensor  # int64 [n]: each row's gate, a column of _GateState.open
+
+
+@dataclass
+class _GateState:
+    """Every applied gate, numbered 0..n-1 in apply order, grouped by the layer it reads."""
+
+    banks: dict[int, tuple[GateBank, slice]]  # gate layer -> (its gates, their columns)
+    count: int
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    step: dict | None = None  # set by the decoder pre-hook for the forward pass under way
+    open: torch.Tensor | None = None  # bool [B, T, count] for the forward pass under way
+    valid: torch.Tensor | None = None  # bool [B, T]: non-padding positions of that pass
+    before: torch.Tensor | None = None  # bool [B, count]: carried in from earlier KV steps
+    carried: torch.Tensor | None = None  # bool [B, count]: open at the last position so far
+
+
+@dataclass
 class _State:
     arch: ModelArch
     patches: list[Patch] = field(default_factory=list)
     folds: dict[int, _LayerFold] = field(default_factory=dict)
+    gated: dict[int, _GatedFold] = field(default_factory=dict)
+    gates: _GateState | None = None
     hooks: dict[int, RemovableHandle] = field(default_factory=dict)
     # layer -> (neuron_indices, original W_out directions [n, hidden]) while merged
     merged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -139,8 +172,12 @@ def apply(
         state = _State(arch)
         model.__dict__[_STATE_ATTR] = state
     state.patches.extend(loaded)
-    _refold(state, {layer for p in loaded for layer in p.layers})
+    _refold(state, {layer for p in loaded for layer in p.layers}, gated=_any_gated(loaded))
     return model
+
+
+def _any_gated(patches: Iterable[Patch]) -> bool:
+    return any(p.gates for p in patches)
 
 
 def remove(model: nn.Module, patch: PatchLike | None = None) -> nn.Module:
@@ -152,10 +189,11 @@ def remove(model: nn.Module, patch: PatchLike | None = None) -> nn.Module:
         )
     if patch is None:
         if state is not None:
-            _refold(state, set(state.folds), drop=list(state.patches))
+            everything = set(state.folds) | set(state.gated)
+            _refold(state, everything, drop=list(state.patches), gated=True)
         return model
     target = _find(state, patch)
-    _refold(state, set(target.layers), drop=[target])
+    _refold(state, set(target.layers), drop=[target], gated=bool(target.gates))
     return model
 
 
@@ -216,6 +254,13 @@ def merge(model: nn.Module) -> nn.Module:
     state = _state(model)
     if state is None or state.merged is not None:
         return model
+    gated = [p.label for p in state.patches if p.is_gated]
+    if gated:
+        raise GatedPatchError(
+            f"cannot merge: {', '.join(gated)} {'is' if len(gated) == 1 else 'are'} gated, and a "
+            "gate decides per position whether the deltas apply, which fixed weights cannot do. "
+            "Keep gated patches as hooks (they are already applied), or remove them before merging."
+        )
     state.merged = {}
     with torch.no_grad():
         for layer, fold in state.folds.items():
@@ -257,38 +302,174 @@ def is_merged(model: nn.Module) -> bool:
     return state is not None and state.merged is not None
 
 
-def _refold(state: _State, layers: set[int], drop: list[Patch] = ()) -> None:
-    """Recompute the fold of ``layers`` after adding or dropping patches; add/remove hooks."""
+def _refold(
+    state: _State, layers: set[int], drop: Iterable[Patch] = (), gated: bool = False
+) -> None:
+    """Recompute the folds of ``layers`` after adding or dropping patches; add/remove hooks.
+
+    ``gated``: the change involves gated patches, so gate numbering may have changed and every
+    layer holding gated rows is refolded too.
+    """
+    drop = list(drop)
     if drop:
         dropped = {id(p) for p in drop}
         state.patches = [p for p in state.patches if id(p) not in dropped]
+    columns: dict[tuple[int, int], int] = {}  # (patch position, gate index) -> column
+    if gated:
+        _rebuild_gates(state, columns)
+        layers = layers | set(state.gated) | {
+            layer for p in state.patches if p.gates for layer in p.layers
+        }
+    else:
+        columns = _gate_columns(state)
     for layer in sorted(layers):
-        parts = [p.layers[layer] for p in state.patches if layer in p.layers]
-        if not parts:
-            state.folds.pop(layer, None)
-            handle = state.hooks.pop(layer, None)
-            if handle is not None:
-                handle.remove()
-            continue
+        ungated, gated_rows = [], []
+        for position, patch in enumerate(state.patches):
+            ld = patch.layers.get(layer)
+            if ld is None:
+                continue
+            if ld.gate_ids is None:
+                ungated.append((ld.neuron_indices, ld.deltas))
+                continue
+            free = ld.gate_ids < 0
+            ungated.append((ld.neuron_indices[free], ld.deltas[free]))
+            for row in (~free).nonzero().flatten().tolist():
+                col = columns[(position, int(ld.gate_ids[row]))]
+                gated_rows.append((int(ld.neuron_indices[row]), col, ld.deltas[row]))
         weight = state.arch.w_out[layer].weight
-        idx = torch.cat([ld.neuron_indices for ld in parts])  # [sum k]
-        deltas = torch.cat([ld.deltas.float() for ld in parts])  # [sum k, hidden]
-        unique, inverse = torch.unique(idx, return_inverse=True)  # [n], [sum k]
-        summed = torch.zeros(len(unique), deltas.shape[1]).index_add_(
-            0, inverse, deltas
-        )  # [n, hidden]
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-        state.folds[layer] = _LayerFold(unique.to(device), summed.to(device, weight.dtype))
-        if layer not in state.hooks:
+        ungated = [(i, d) for i, d in ungated if len(i)]
+        if ungated:
+            idx = torch.cat([i for i, _ in ungated])  # [sum k]
+            deltas = torch.cat([d.float() for _, d in ungated])  # [sum k, hidden]
+            unique, inverse = torch.unique(idx, return_inverse=True)  # [n], [sum k]
+            summed = torch.zeros(len(unique), deltas.shape[1]).index_add_(
+                0, inverse, deltas
+            )  # [n, hidden]
+            state.folds[layer] = _LayerFold(unique.to(device), summed.to(device, weight.dtype))
+        else:
+            state.folds.pop(layer, None)
+        if gated_rows:
+            state.gated[layer] = _GatedFold(
+                torch.tensor([r[0] for r in gated_rows], device=device),
+                torch.stack([r[2].float() for r in gated_rows]).to(device, weight.dtype),
+                torch.tensor([r[1] for r in gated_rows], device=device),
+            )
+        else:
+            state.gated.pop(layer, None)
+        has_rows = layer in state.folds or layer in state.gated
+        if has_rows and layer not in state.hooks:
             state.hooks[layer] = state.arch.w_out[layer].register_forward_hook(_hook(state, layer))
+        elif not has_rows and layer in state.hooks:
+            state.hooks.pop(layer).remove()
+
+
+def _gate_columns(state: _State) -> dict[tuple[int, int], int]:
+    """Number the applied patches' gates 0..n-1 in apply order."""
+    columns: dict[tuple[int, int], int] = {}
+    for position, patch in enumerate(state.patches):
+        for g in range(len(patch.gates)):
+            columns[(position, g)] = len(columns)
+    return columns
+
+
+def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
+    """Renumber every applied gate and (re)install the gate-layer hooks and decoder pre-hook."""
+    if state.gates is not None:
+        for handle in state.gates.hooks:
+            handle.remove()
+        state.gates = None
+    columns.update(_gate_columns(state))
+    if not columns:
+        return
+    by_layer: dict[int, list[tuple[int, object]]] = {}
+    for position, patch in enumerate(state.patches):
+        for g, gate in enumerate(patch.gates):
+            by_layer.setdefault(gate.layer, []).append((columns[(position, g)], gate))
+    device = state.arch.w_out[0].weight.device
+    device = device if device.type != "meta" else torch.device("cpu")
+    banks = {}
+    for layer, entries in sorted(by_layer.items()):
+        cols = [c for c, _ in entries]
+        # columns of one layer are not contiguous in general: renumber so they are
+        banks[layer] = (GateBank([g for _, g in entries], device), cols)
+    order = [c for _, (_, cols) in sorted(banks.items()) for c in cols]  # new position of col
+    remap = {old: new for new, old in enumerate(order)}
+    for key, col in columns.items():
+        columns[key] = remap[col]
+    start, bank_slices = 0, {}
+    for layer, (bank, cols) in sorted(banks.items()):
+        bank_slices[layer] = (bank, slice(start, start + len(cols)))
+        start += len(cols)
+    gates = _GateState(bank_slices, len(order))
+    decoder = state.arch.decoder
+    if decoder is not None:
+        gates.hooks.append(
+            decoder.register_forward_pre_hook(_sequence_start(gates), with_kwargs=True)
+        )
+    lowest = min(bank_slices)
+    for layer in bank_slices:
+        block = state.arch.decoder_layers[layer]
+        gates.hooks.append(block.register_forward_hook(_gate_hook(gates, layer, lowest)))
+    state.gates = gates
+
+
+def _sequence_start(gates: _GateState):
+    """Decoder pre-hook: note whether this forward starts a new sequence, and its mask."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # transformers >= 5.2x calls it ``cache``; older versions ``past_key_values``
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        fresh = cache is None or (
+            hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) == 0
+        )
+        mask = kwargs.get("attention_mask")
+        gates.step = {"fresh": fresh, "mask": mask if isinstance(mask, torch.Tensor) else None}
+
+    return pre_hook
+
+
+def _gate_hook(gates: _GateState, layer: int, lowest: int):
+    bank, columns = gates.banks[layer]
+
+    def compute_gates(module: nn.Module, args: tuple, output) -> None:
+        h = output[0] if isinstance(output, tuple) else output  # [B, T, hidden]
+        batch, length = h.shape[0], h.shape[1]
+        if layer == lowest:  # first gate layer of this forward pass: set up its state
+            step = gates.step or {"fresh": True, "mask": None}
+            gates.step = None
+            carried = gates.carried
+            if step["fresh"] or carried is None or carried.shape[0] != batch:
+                carried = None
+            gates.open = torch.zeros(batch, length, gates.count, dtype=torch.bool, device=h.device)
+            mask = step["mask"]
+            gates.valid = (
+                mask[:, -length:].bool().to(h.device)
+                if mask is not None and mask.dim() == 2 and mask.shape[0] == batch
+                else None
+            )  # [B, T]
+            gates.before = carried
+        before = gates.before[:, columns] if gates.before is not None else None
+        gates.open[..., columns] = bank.open(h, gates.valid, before)
+        if layer == max(gates.banks):
+            gates.carried = gates.open[:, -1]  # [B, count]
+
+    return compute_gates
 
 
 def _hook(state: _State, layer: int):
     def add_patch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        fold = state.folds[layer]
         q = args[0]  # [..., intermediate]
-        return (
-            output + q[..., fold.neuron_indices] @ fold.deltas
-        )  # [..., n] @ [n, hidden] -> [..., hidden]
+        fold = state.folds.get(layer)
+        if fold is not None:
+            output = (
+                output + q[..., fold.neuron_indices] @ fold.deltas
+            )  # [..., n] @ [n, hidden] -> [..., hidden]
+        gated = state.gated.get(layer)
+        if gated is not None:
+            open_ = state.gates.open[..., gated.columns]  # [B, T, n_g]
+            open_ = open_.reshape(*q.shape[:-1], -1).to(q.dtype)  # OPT flattens [B*T, ...]
+            output = output + (q[..., gated.neuron_indices] * open_) @ gated.deltas
+        return output
 
     return add_patch
