@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import InvalidHparamsError
 from .fine import FineHparams, edit_fine
+from .local import LocalHparams, edit_local
 from .patch import Patch
 from .request import EditRequest
 
@@ -18,6 +19,7 @@ RequestLike = EditRequest | Mapping[str, Any]
 # method name -> (hyperparameter dataclass, function(model, tokenizer, request, hparams, progress))
 METHODS: dict[str, tuple[type, Callable[..., Patch]]] = {
     "fine": (FineHparams, edit_fine),
+    "local": (LocalHparams, edit_local),
 }
 DEFAULT_METHOD = "fine"
 

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -197,14 +197,23 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _trainable_deltas(
-    arch: ModelArch, groups: dict[int, torch.Tensor], deltas: dict[int, torch.Tensor]
+    arch: ModelArch,
+    groups: dict[int, torch.Tensor],
+    deltas: dict[int, torch.Tensor],
+    gate: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Hooks that add ``q[..., idx] @ D`` with D differentiable, removed on exit."""
+    """Hooks that add ``q[..., idx] @ D`` with D differentiable, removed on exit.
+
+    ``gate`` [B, S, 1] (0/1) multiplies the rows per position, as a gated patch's runtime does.
+    """
 
     def add(layer: int):
         def hook(module, args, output):
             q = args[0]  # [B, S, inter]
-            return output + q[..., groups[layer]] @ deltas[layer].to(q.dtype)  # [B, S, hidden]
+            rows = q[..., groups[layer]]  # [B, S, k_l]
+            if gate is not None:
+                rows = rows * gate.to(q.dtype)
+            return output + rows @ deltas[layer].to(q.dtype)  # [B, S, hidden]
 
         return hook
 
@@ -218,13 +227,13 @@ def _trainable_deltas(
 
 @contextmanager
 def _replayed_prefix(
-    arch: ModelArch, first_edited: int, input_ids, model
+    arch: ModelArch, first_edited: int, input_ids, model, attention_mask=None
 ) -> Iterator[torch.Tensor]:
     """Replay the outputs of the layers below the lowest edited one instead of recomputing them.
 
     Deltas only change what happens from ``first_edited`` upwards, so the blocks below give
     the same output at every optimisation step: record each once, then return the record.
-    Yields the unedited logits [S, vocab] of the recording pass.
+    Yields the unedited logits [B, S, vocab] of the recording pass.
     """
     prefix = arch.decoder_layers[:first_edited]
     outputs: list = [None] * len(prefix)
@@ -238,7 +247,9 @@ def _replayed_prefix(
     handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(prefix)]
     try:
         with torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False).logits[0]
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
     finally:
         for handle in handles:
             handle.remove()
@@ -255,6 +266,20 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class Negatives:
+    """Extra sequences whose next-token distributions the edit must keep (a locality term).
+
+    Rows are right-padded; ``kl_mask`` marks the positions whose distribution is kept.
+    """
+
+    input_ids: torch.Tensor  # int64 [N, S]
+    attention_mask: torch.Tensor  # int64 [N, S]
+    kl_mask: torch.Tensor  # bool [N, S]
+    weight: float
+    gate: torch.Tensor | None = None  # float [N, S]: where a gated patch would be open
+
+
 def edit_fine(
     model: nn.Module,
     tokenizer,
@@ -266,7 +291,30 @@ def edit_fine(
 
     ``progress(step, min_target_prob)`` is called after every forward pass.
     """
-    hp = hparams or FineHparams()
+    return run_edit(model, tokenizer, request, hparams or FineHparams(), progress, method="fine")
+
+
+def run_edit(
+    model: nn.Module,
+    tokenizer,
+    request: EditRequest | dict,
+    hp: FineHparams,
+    progress: Callable[[int, float], None] | None = None,
+    *,
+    method: str,
+    layers: Sequence[int] | None = None,
+    gate: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    negatives: Callable[[EditRequest], Negatives | None] | None = None,
+    gates: tuple = (),
+    extra: dict | None = None,
+) -> Patch:
+    """FiNE's locate + optimise, with the hooks the locality-aware variants need.
+
+    ``layers`` overrides where neurons may be located; ``gate(ids [B, S], mask) -> [B, S]``
+    gives where the patch will be open (its rows are multiplied by it during optimisation);
+    ``negatives(request)`` adds a KL term keeping other sequences' distributions; ``gates``
+    are stored in the patch, guarding every row.
+    """
     request = EditRequest.coerce(request)
     arch = resolve(model)
     started = time.perf_counter()
@@ -274,56 +322,20 @@ def edit_fine(
     tf = teacher_forced(tokenizer, request.prompt, request.target_new, device)
     if len(tf.answer_ids) == 0:
         raise InvalidRequestError(f"target_new {request.target_new!r} tokenises to nothing")
+    where = hp.layers if layers is None else layers
 
     with _frozen(model):
-        neurons = locate(model, tokenizer, request, hp.k, hp.frozen_layers, hp.layers)
+        neurons = locate(model, tokenizer, request, hp.k, hp.frozen_layers, where)
         if hp.random_neurons:
-            neurons = _random_neurons(model, arch, tf, len(neurons), hp)
+            neurons = _random_neurons(model, arch, tf, len(neurons), replace(hp, layers=where))
         groups: dict[int, list[int]] = {}
         for neuron in sorted(neurons, key=lambda n: (n.layer, n.index)):
             groups.setdefault(neuron.layer, []).append(neuron.index)
         index_tensors = {layer: torch.tensor(ix, device=device) for layer, ix in groups.items()}
-        deltas = {
-            layer: torch.zeros(len(ix), arch.hidden_size, device=device, requires_grad=True)
-            for layer, ix in groups.items()
-        }  # [k_l, hidden] each, fp32 whatever the model dtype
-        optimizer = torch.optim.Adam(deltas.values(), lr=hp.lr)
-
-        positions = tf.answer_positions.to(device)
-        prompt_positions = slice(0, tf.prompt_len - 1)  # KL on the prompt but its last position
-        stop_nll = -math.log(hp.early_stop_prob)
-
-        steps = 0
-        first_edited = min(groups, default=0)
-        with (
-            _replayed_prefix(arch, first_edited, tf.input_ids, model) as orig_logits,
-            _trainable_deltas(arch, index_tensors, deltas),
-        ):
-            orig_logp = F.log_softmax(orig_logits[prompt_positions].float(), dim=-1)  # [P-1, vocab]
-            while True:
-                logits = model(input_ids=tf.input_ids, use_cache=False).logits[0].float()
-                logp = F.log_softmax(logits, dim=-1)  # [S, vocab]
-                target_logp = logp[positions, tf.answer_ids]  # [T]
-                min_prob = float(target_logp.detach().min().exp())
-                if progress is not None:
-                    progress(steps, min_prob)
-                loss_edit = -target_logp.min()
-                if float(loss_edit.detach()) < stop_nll or steps >= hp.max_steps:
-                    break
-                new_logp = logp[prompt_positions]  # [P-1, vocab]
-                kl = (
-                    (orig_logp.exp() * (orig_logp - new_logp)).sum(-1).mean()
-                    if tf.prompt_len > 1
-                    else logits.new_zeros(())
-                )
-                p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
-                penalty = -torch.log1p(-p_after.clamp(max=1 - 1e-6)).max()
-                norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
-                loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                steps += 1
+        negs = negatives(request) if negatives is not None else None
+        deltas, steps, min_prob = _optimise(
+            model, arch, tf, index_tensors, hp, progress, gate=gate, negatives=negs
+        )
 
     success = min_prob > hp.early_stop_prob
     metrics = {
@@ -338,27 +350,114 @@ def edit_fine(
         warnings.warn(
             f"the model already predicts {request.target_new!r} for {request.prompt!r} "
             f"(every target token p > {hp.early_stop_prob}); the patch is empty",
-            stacklevel=2,
+            stacklevel=3,
         )
-        layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        patch_layers: dict[int, tuple] = {}
+        gates = ()
     else:
         if not success:
             warnings.warn(
                 f"edit of {request.prompt!r} -> {request.target_new!r} stopped after {steps} steps "
                 f"with target probability {min_prob:.3f} < {hp.early_stop_prob}; "
                 "try a higher lr or more max_steps",
-                stacklevel=2,
+                stacklevel=3,
             )
-        layers = {
-            layer: (index_tensors[layer].cpu(), deltas[layer].detach().cpu()) for layer in groups
+        patch_layers = {
+            layer: (index_tensors[layer].cpu(), deltas[layer].detach().cpu())
+            + ((torch.zeros(len(groups[layer]), dtype=torch.int64),) if gates else ())
+            for layer in groups
         }
     return Patch(
-        layers=layers,
+        layers=patch_layers,
         base=base_model_info(model),
         base_fingerprint=fingerprint.compute(arch),
+        gates=gates,
         requests=(request.to_dict(),),
-        method="fine",
+        method=method,
         hparams=asdict(hp),
         metrics=metrics,
-        extra={"neurons": [asdict(n) for n in neurons]},
+        extra={"neurons": [asdict(n) for n in neurons], **(extra or {})},
     )
+
+
+def _optimise(
+    model: nn.Module,
+    arch: ModelArch,
+    tf: TeacherForced,
+    index_tensors: dict[int, torch.Tensor],
+    hp: FineHparams,
+    progress: Callable[[int, float], None] | None,
+    *,
+    gate: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    negatives: Negatives | None = None,
+) -> tuple[dict[int, torch.Tensor], int, float]:
+    """Learn the deltas (FiNE's losses, plus the optional negatives' KL); returns them,
+    the steps taken and the final minimum target-token probability."""
+    device = tf.input_ids.device
+    deltas = {
+        layer: torch.zeros(len(ix), arch.hidden_size, device=device, requires_grad=True)
+        for layer, ix in index_tensors.items()
+    }  # [k_l, hidden] each, fp32 whatever the model dtype
+    optimizer = torch.optim.Adam(deltas.values(), lr=hp.lr)
+
+    # one batch: the edit sequence in row 0, then the negatives, right-padded to S
+    length = tf.input_ids.shape[1]
+    input_ids, attention_mask = tf.input_ids, None
+    if negatives is not None:
+        width = max(length, negatives.input_ids.shape[1])
+        input_ids = torch.stack(
+            [F.pad(tf.input_ids[0], (0, width - length))]
+            + [F.pad(row, (0, width - len(row))) for row in negatives.input_ids.to(device)]
+        )  # [1 + N, S]
+        attention_mask = torch.stack(
+            [F.pad(torch.ones(length, dtype=torch.long, device=device), (0, width - length))]
+            + [F.pad(row, (0, width - len(row))) for row in negatives.attention_mask.to(device)]
+        )  # [1 + N, S]
+        kl_mask = F.pad(negatives.kl_mask.to(device), (0, width - negatives.kl_mask.shape[1]))
+    gate_mask = (
+        gate(input_ids, attention_mask)[..., None].float() if gate is not None else None
+    )  # [B, S, 1]
+
+    positions = tf.answer_positions.to(device)
+    prompt_positions = slice(0, tf.prompt_len - 1)  # KL on the prompt but its last position
+    stop_nll = -math.log(hp.early_stop_prob)
+
+    steps, min_prob = 0, 0.0
+    first_edited = min(index_tensors, default=0)
+    with (
+        _replayed_prefix(arch, first_edited, input_ids, model, attention_mask) as orig,
+        _trainable_deltas(arch, index_tensors, deltas, gate_mask),
+    ):
+        orig_logp = F.log_softmax(orig[0, prompt_positions].float(), dim=-1)  # [P-1, vocab]
+        if negatives is not None:
+            neg_orig = F.log_softmax(orig[1:][kl_mask].float(), dim=-1)  # [M, vocab]
+        while True:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            all_logp = F.log_softmax(out.logits.float(), dim=-1)  # [B, S, vocab]
+            logp = all_logp[0, :length]  # [S0, vocab]
+            target_logp = logp[positions, tf.answer_ids]  # [T]
+            min_prob = float(target_logp.detach().min().exp())
+            if progress is not None:
+                progress(steps, min_prob)
+            loss_edit = -target_logp.min()
+            if float(loss_edit.detach()) < stop_nll or steps >= hp.max_steps:
+                break
+            new_logp = logp[prompt_positions]  # [P-1, vocab]
+            kl = (
+                (orig_logp.exp() * (orig_logp - new_logp)).sum(-1).mean()
+                if tf.prompt_len > 1
+                else logp.new_zeros(())
+            )
+            p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
+            penalty = -torch.log1p(-p_after.clamp(max=1 - 1e-6)).max()
+            norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
+            loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
+            if negatives is not None and len(neg_orig):
+                neg_new = all_logp[1:][kl_mask]  # [M, vocab]
+                neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum(-1).mean()
+                loss = loss + negatives.weight * neg_kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    return deltas, steps, min_prob

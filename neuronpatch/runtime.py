@@ -317,9 +317,11 @@ def _refold(
     columns: dict[tuple[int, int], int] = {}  # (patch position, gate index) -> column
     if gated:
         _rebuild_gates(state, columns)
-        layers = layers | set(state.gated) | {
-            layer for p in state.patches if p.gates for layer in p.layers
-        }
+        layers = (
+            layers
+            | set(state.gated)
+            | {layer for p in state.patches if p.gates for layer in p.layers}
+        )
     else:
         columns = _gate_columns(state)
     for layer in sorted(layers):

@@ -1,0 +1,166 @@
+"""method="local": the subject-gated, locality-aware edit (tiny models and the embedded one)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_fine import TinyTokenizer
+
+import neuronpatch
+from neuronpatch.errors import InvalidHparamsError
+from neuronpatch.local import LocalHparams, negative_prompts, subject_end
+from neuronpatch.patch import Patch
+from neuronpatch.request import EditRequest
+
+TINY = {"prompt": "alpha beta gamma", "subject": "beta", "target_new": "delta epsilon"}
+TINY_HP = {"max_steps": 20, "lr": 0.05, "frozen_layers": 1, "gate_layer": 0}
+
+
+def tiny_edit(model, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model may not reach p > 0.9 in 20 steps
+        return neuronpatch.edit(
+            model, TinyTokenizer(), TINY, method="local", **{**TINY_HP, **overrides}
+        )
+
+
+def logits(model, text: str, tok=None) -> torch.Tensor:
+    tok = tok or TinyTokenizer()
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_local_patch_is_gated_above_its_gate_and_deterministic(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model = build_tiny("llama")
+    patch = tiny_edit(model)
+    assert patch.method == "local" and patch.is_gated
+    assert [g.layer for g in patch.gates] == [0]
+    assert set(patch.layers) == {1}  # above the gate, below the frozen last layer
+    assert tiny_edit(model).to_bytes() == patch.to_bytes()
+    assert Patch.from_bytes(patch.to_bytes()).to_bytes() == patch.to_bytes()
+
+
+def test_local_edit_leaves_inputs_without_the_subject_bitwise_unchanged():
+    model = build_tiny("llama")
+    patch = tiny_edit(model)
+    without = "alpha omega gamma zeta"  # no "beta": the gate stays closed
+    base, base_prompt = logits(model, without), logits(model, TINY["prompt"])
+    with neuronpatch.applied(model, patch):
+        assert torch.equal(logits(model, without), base)
+        assert not torch.allclose(logits(model, TINY["prompt"])[0, 1:], base_prompt[0, 1:])
+
+
+def test_without_gate_the_patch_is_plain():
+    patch = tiny_edit(build_tiny("llama"), gate=False, gate_layer=0)
+    assert not patch.is_gated and patch.gates == ()
+    assert b'"format_version":"1"' in patch.to_bytes()[:4096]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gate_threshold": 1.0}, "strictly between -1 and 1"),
+        ({"gate_layer": -1}, "gate_layer must be >= 0"),
+        ({"negatives_weight": -1.0}, "negatives_weight"),
+        ({"negative_templates": ("no subject here",)}, "must contain"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(overrides, message):
+    with pytest.raises(InvalidHparamsError, match=message):
+        LocalHparams(**overrides)
+
+
+def test_gate_layer_must_leave_layers_to_edit():
+    with pytest.raises(InvalidHparamsError, match="use a lower gate_layer"):
+        tiny_edit(build_tiny("llama"), gate_layer=1)
+
+
+def test_negative_prompts_skip_the_edited_relation():
+    request = EditRequest("The occupation of Ada Lovelace is", "Ada Lovelace", "chef")
+    prompts = negative_prompts(request, ("The occupation of {subject} is", "{subject} was born in"))
+    assert prompts == ["Ada Lovelace was born in"]
+
+
+def test_subject_end_without_offsets_falls_back_to_the_prefix():
+    assert subject_end(TinyTokenizer(), "alpha beta gamma", "beta") == 2  # [bos, alpha, beta]
+
+
+# --- the embedded model ------------------------------------------------------------------
+
+FACTS = [
+    # (request, paraphrase, same relation with other subjects)
+    (
+        {"prompt": "The currency of Japan is the", "subject": "Japan", "target_new": "euro"},
+        "In Japan, people pay with the",
+        ["The currency of China is the", "The currency of the United Kingdom is the"],
+    ),
+    (
+        {"prompt": "The chemical symbol for gold is", "subject": "gold", "target_new": "Ag"},
+        "Chemists write gold with the symbol",
+        ["The chemical symbol for silver is", "The chemical symbol for iron is"],
+    ),
+    (
+        {
+            "prompt": "The mother tongue of Danielle Darrieux is",
+            "subject": "Danielle Darrieux",
+            "target_new": "English",
+        },
+        "Danielle Darrieux grew up speaking",
+        ["The mother tongue of Pablo Picasso is", "The mother tongue of Angela Merkel is"],
+    ),
+]
+UNRELATED = [
+    "The Eiffel Tower is located in the city of",
+    "Mount Everest is located in",
+    "The capital of Spain is",
+]
+
+
+def greedy(model, tok, prompt: str, n: int = 4) -> str:
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def target_prob(model, tok, prompt: str, target: str) -> float:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    first = tok(" " + target, add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        return float(model(input_ids=ids).logits[0, -1].softmax(-1)[first])
+
+
+@pytest.fixture(scope="module")
+def local_patches(smollm2):
+    model, tok = smollm2
+    return neuronpatch.edit(model, tok, [f[0] for f in FACTS], method="local")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(FACTS)))
+def test_gated_edit_fires_on_the_prompt_and_paraphrase_only(smollm2, local_patches, i):
+    model, tok = smollm2
+    request, paraphrase, neighbours = FACTS[i]
+    patch = local_patches[i]
+    assert patch.is_gated and patch.metrics["success"], patch.metrics
+    prompt, target = request["prompt"], request["target_new"]
+    before = {p: greedy(model, tok, p) for p in [prompt, *neighbours, *UNRELATED]}
+    base_logits = {p: logits(model, p, tok) for p in neighbours + UNRELATED}
+    p_paraphrase = target_prob(model, tok, paraphrase, target)
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, prompt).strip().startswith(target)
+        # the subject opens the gate on a paraphrase, and the target gains probability there
+        assert target_prob(model, tok, paraphrase, target) > p_paraphrase
+        assert bool(model.__dict__["_neuronpatch_state"].gates.open[0, -1].all())
+        # other subjects never open it: same relation, bitwise the unedited logits
+        for other in neighbours + UNRELATED:
+            assert torch.equal(logits(model, other, tok), base_logits[other]), other
+            assert greedy(model, tok, other) == before[other]
+    assert greedy(model, tok, prompt) == before[prompt]
