@@ -25,14 +25,17 @@ DATA = {
     "wiki_cf": "knowedit_wiki_counterfact_train_cf.json",
     "counterfact": "easyedit_counterfact_counterfact-val.json",
 }
-# label -> hyperparameter overrides of the method's defaults
+# label -> (method, hyperparameter overrides of the method's defaults)
 VARIANTS = {
-    "FiNE": {},
-    "FiNE, random neurons": {"random_neurons": True},
-    "FiNE, no layer freezing": {"frozen_layers": 0},
-    "FiNE, k=1": {"k": 1},
-    "FiNE, k=10": {"k": 10},
-    "FiNE, k=20": {"k": 20},
+    "FiNE": ("fine", {}),
+    "FiNE, random neurons": ("fine", {"random_neurons": True}),
+    "FiNE, no layer freezing": ("fine", {"frozen_layers": 0}),
+    "FiNE, k=1": ("fine", {"k": 1}),
+    "FiNE, k=10": ("fine", {"k": 10}),
+    "FiNE, k=20": ("fine", {"k": 20}),
+    "local: gate": ("local", {}),
+    "local: gate + negatives": ("local", {"negatives_weight": 1.0}),
+    "local: negatives, no gate": ("local", {"gate": False, "negatives_weight": 1.0}),
 }
 MODELS = ("smollm2-135m", "gemma3-270m")
 COLUMNS = [
@@ -55,7 +58,10 @@ PAPER = {
 
 
 def _slug(*parts: str) -> str:
-    return "__".join(p.replace(" ", "").replace(",", "_").replace("=", "") for p in parts)
+    return "__".join(
+        p.replace(" ", "").replace(",", "_").replace("=", "").replace(":", "_").replace("+", "and")
+        for p in parts
+    )
 
 
 def run(
@@ -80,7 +86,9 @@ def run(
             str(out),
         ]
         cmd += [] if fluency else ["--no-fluency"]
-        for key, value in VARIANTS[variant].items():
+        method, overrides = VARIANTS[variant]
+        cmd += ["--method", method]
+        for key, value in overrides.items():
             cmd += ["--hparam", f"{key}={json.dumps(value)}"]
         subprocess.run(cmd, check=True, env=env)
         (STORE / f"{_slug(model, dataset, variant)}.json").write_text(
