@@ -146,6 +146,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  size     {info['file_bytes']:,} bytes, {patch.num_params:,} parameters, "
         f"{patch.num_neurons} neurons in layers {info['layers']}"
     )
+    for g, gate in enumerate(patch.gates):
+        print(
+            f"  gate {g}   {gate.kind}: open from the first position whose residual after layer "
+            f"{gate.layer} has cosine > {gate.threshold} with the key"
+        )
     if patch.metrics:
         print(f"  metrics  {json.dumps(patch.metrics)}")
     rows = []

@@ -28,13 +28,18 @@ def describe(
     unembed = model.get_output_embeddings().weight.float() if model is not None else None
     neurons = []
     for layer, ld in patch.layers.items():
-        for index, delta in zip(ld.neuron_indices.tolist(), ld.deltas.float(), strict=True):
+        gate_ids = ld.gate_ids.tolist() if ld.gate_ids is not None else [-1] * len(ld.deltas)
+        for index, delta, gate in zip(
+            ld.neuron_indices.tolist(), ld.deltas.float(), gate_ids, strict=True
+        ):
             row: dict[str, Any] = {
                 "layer": layer,
                 "index": index,
                 "score": scores.get((layer, index)),
                 "delta_norm": round(float(delta.norm()), 6),
             }
+            if gate >= 0:
+                row["gate"] = gate
             if arch is not None and tokenizer is not None:
                 column = arch.column(layer, torch.tensor([index]))[0].float()  # [hidden]
                 row["promotes"] = _top_tokens(tokenizer, unembed, column, top)
@@ -56,4 +61,7 @@ def describe(
         "num_params": patch.num_params,
         "file_bytes": size if size is not None else len(patch.to_bytes()),
         "neurons": neurons,
+        "gates": [
+            {"kind": g.kind, "layer": g.layer, "threshold": g.threshold} for g in patch.gates
+        ],
     }

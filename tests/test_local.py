@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -164,3 +165,15 @@ def test_gated_edit_fires_on_the_prompt_and_paraphrase_only(smollm2, local_patch
             assert torch.equal(logits(model, other, tok), base_logits[other]), other
             assert greedy(model, tok, other) == before[other]
     assert greedy(model, tok, prompt) == before[prompt]
+
+
+def test_inspect_shows_the_gate(tmp_path, capsys):
+    from neuronpatch.cli import main
+
+    path = tiny_edit(build_tiny("llama")).save(tmp_path / "g.safetensors")
+    assert main(["inspect", str(path), "--no-model"]) == 0
+    assert "gate 0   subject: open from the first position" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--no-model", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["gates"] == [{"kind": "subject", "layer": 0, "threshold": 0.75}]
+    assert all(n["gate"] == 0 for n in info["neurons"])
