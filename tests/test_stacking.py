@@ -285,3 +285,23 @@ def test_an_overflowing_half_precision_sum_is_refused(llama):
     b = _patch(llama, {1: [(5, [50000.0], -1)]}, _request(1), dtype=torch.float16)
     with pytest.raises(StackError, match="overflows in layer 1; convert the patches to float32"):
         stack([a, b])
+
+
+def test_a_gated_stack_runs_like_its_gated_parts(llama):
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60, 2, 7]])
+    with torch.no_grad():
+        h = llama(ids, output_hidden_states=True).hidden_states[1][0]  # after layer 0
+    centre = h.mean(0)
+    opens_at_3 = Gate(0, h[3] - centre, centre, 0.99)
+    opens_at_5 = Gate(0, h[5] - centre, centre, 0.99)
+    a = _patch(llama, {1: [(5, 1, 0), (6, 2, -1)]}, _request(0), gates=(opens_at_3,))
+    b = _patch(llama, {1: [(5, 3, 0)], 2: [(7, 4, 0)]}, _request(1), gates=(opens_at_5,))
+    plain = _logits(llama, ids)
+    with neuronpatch.applied(llama, a, b):
+        separate = _logits(llama, ids)
+    with neuronpatch.applied(llama, stack([a, b])):
+        together = _logits(llama, ids)
+    torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(separate[:, 3:], plain[:, 3:], atol=1e-3)
+    # neuron 6 of layer 1 is ungated in a: before any gate opens only it acts
+    assert not torch.allclose(separate[:, :3], plain[:, :3], atol=1e-4)
