@@ -38,7 +38,7 @@ from .errors import (
     PatchNotAppliedError,
 )
 from .gates import GateBank
-from .patch import Patch
+from .patch import Gate, Patch
 
 PatchLike = Patch | str | os.PathLike
 _STATE_ATTR = "_neuronpatch_state"
@@ -314,7 +314,7 @@ def _refold(
     if drop:
         dropped = {id(p) for p in drop}
         state.patches = [p for p in state.patches if id(p) not in dropped]
-    columns: dict[tuple[int, int], int] = {}  # (patch position, gate index) -> column
+    columns = _gate_columns(state)  # (patch position, gate index) -> column
     if gated:
         _rebuild_gates(state, columns)
         layers = (
@@ -322,8 +322,6 @@ def _refold(
             | set(state.gated)
             | {layer for p in state.patches if p.gates for layer in p.layers}
         )
-    else:
-        columns = _gate_columns(state)
     for layer in sorted(layers):
         ungated, gated_rows = [], []
         for position, patch in enumerate(state.patches):
@@ -367,52 +365,48 @@ def _refold(
 
 
 def _gate_columns(state: _State) -> dict[tuple[int, int], int]:
-    """Number the applied patches' gates 0..n-1 in apply order."""
-    columns: dict[tuple[int, int], int] = {}
-    for position, patch in enumerate(state.patches):
-        for g in range(len(patch.gates)):
-            columns[(position, g)] = len(columns)
-    return columns
+    """Number the applied gates 0..n-1 by the layer they read, then apply order.
+
+    (patch position, gate index) -> column. The gates of one layer get consecutive
+    columns, so each gate hook writes one slice of ``_GateState.open``.
+    """
+    keys = sorted(
+        (gate.layer, position, g)
+        for position, patch in enumerate(state.patches)
+        for g, gate in enumerate(patch.gates)
+    )
+    return {(position, g): col for col, (_, position, g) in enumerate(keys)}
 
 
 def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
-    """Renumber every applied gate and (re)install the gate-layer hooks and decoder pre-hook."""
+    """(Re)install the gate-layer hooks and the decoder pre-hook for ``columns``' numbering."""
     if state.gates is not None:
         for handle in state.gates.hooks:
             handle.remove()
         state.gates = None
-    columns.update(_gate_columns(state))
     if not columns:
         return
-    by_layer: dict[int, list[tuple[int, object]]] = {}
-    for position, patch in enumerate(state.patches):
-        for g, gate in enumerate(patch.gates):
-            by_layer.setdefault(gate.layer, []).append((columns[(position, g)], gate))
+    by_layer: dict[int, list[tuple[int, Gate]]] = {}
+    for (position, g), col in sorted(columns.items(), key=lambda item: item[1]):
+        gate = state.patches[position].gates[g]
+        by_layer.setdefault(gate.layer, []).append((col, gate))
     device = state.arch.w_out[0].weight.device
     device = device if device.type != "meta" else torch.device("cpu")
-    banks = {}
-    for layer, entries in sorted(by_layer.items()):
-        cols = [c for c, _ in entries]
-        # columns of one layer are not contiguous in general: renumber so they are
-        banks[layer] = (GateBank([g for _, g in entries], device), cols)
-    order = [c for _, (_, cols) in sorted(banks.items()) for c in cols]  # new position of col
-    remap = {old: new for new, old in enumerate(order)}
-    for key, col in columns.items():
-        columns[key] = remap[col]
-    start, bank_slices = 0, {}
-    for layer, (bank, cols) in sorted(banks.items()):
-        bank_slices[layer] = (bank, slice(start, start + len(cols)))
-        start += len(cols)
-    gates = _GateState(bank_slices, len(order))
+    banks = {
+        layer: (GateBank([g for _, g in entries], device), slice(entries[0][0], entries[-1][0] + 1))
+        for layer, entries in by_layer.items()
+    }
+    gates = _GateState(banks, len(columns))
     decoder = state.arch.decoder
     if decoder is not None:
         gates.hooks.append(
             decoder.register_forward_pre_hook(_sequence_start(gates), with_kwargs=True)
         )
-    lowest = min(bank_slices)
-    for layer in bank_slices:
+    for layer in banks:
         block = state.arch.decoder_layers[layer]
-        gates.hooks.append(block.register_forward_hook(_gate_hook(gates, layer, lowest)))
+        gates.hooks.append(
+            block.register_forward_hook(_gate_hook(gates, layer, min(banks), max(banks)))
+        )
     state.gates = gates
 
 
@@ -431,7 +425,7 @@ def _sequence_start(gates: _GateState):
     return pre_hook
 
 
-def _gate_hook(gates: _GateState, layer: int, lowest: int):
+def _gate_hook(gates: _GateState, layer: int, lowest: int, highest: int):
     bank, columns = gates.banks[layer]
 
     def compute_gates(module: nn.Module, args: tuple, output) -> None:
@@ -453,7 +447,7 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int):
             gates.before = carried
         before = gates.before[:, columns] if gates.before is not None else None
         gates.open[..., columns] = bank.open(h, gates.valid, before)
-        if layer == max(gates.banks):
+        if layer == highest:
             gates.carried = gates.open[:, -1]  # [B, count]
 
     return compute_gates

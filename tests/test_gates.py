@@ -228,3 +228,21 @@ def test_gated_and_ungated_patches_stack_and_remove_independently():
     assert torch.equal(logits(model, IDS), plain_only)
     neuronpatch.remove(model, plain)
     assert torch.equal(logits(model, IDS), base)
+
+
+def test_gates_of_different_layers_keep_their_rows_whatever_the_apply_order():
+    # gate numbering is by gate layer; refolding a layer for a later ungated patch must
+    # use the same numbering as the gate hooks, or rows would read another gate's state
+    model = build_tiny("llama")
+    h0, h1 = residual(model, IDS, 0)[0], residual(model, IDS, 1)[0]
+    high = Gate(1, h1[6] - h1.mean(0), h1.mean(0), 0.999)  # opens at 6, reads layer 1
+    low = Gate(0, h0[2] - h0.mean(0), h0.mean(0), 0.999)  # opens at 2, reads layer 0
+    a = gated(make_patch(model, layers=[2], seed=1, scale=2.0), high)
+    b = gated(make_patch(model, layers=[2], seed=2, scale=2.0), low)
+    plain = make_patch(model, layers=[2], seed=3)
+    neuronpatch.apply(model, plain, a, b)  # last refold: gated
+    expected = logits(model, IDS)
+    neuronpatch.remove(model)
+    neuronpatch.apply(model, a, b)
+    neuronpatch.apply(model, plain)  # an ungated apply refolds layer 2 with the gated rows
+    assert torch.allclose(logits(model, IDS), expected, atol=1e-6)
