@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from . import fingerprint
 from .arch import ARCHITECTURES, supported_model_types
 from .errors import ExportError, GatedPatchError, UnsupportedModelError
+from .runtime import fold_rows
 
 if TYPE_CHECKING:
     from .patch import BaseModelInfo, Patch
@@ -272,7 +273,7 @@ def _module_prefix(base: BaseModelInfo) -> str:
 
 
 def _fold(patches: list[Patch], prefix: str) -> list[LoraLayer]:
-    """Per layer, every patch's neurons with shared ones summed (as runtime._refold does).
+    """Per layer, every patch's neurons with shared ones summed (runtime.fold_rows, as applied).
 
     Gate ids are ignored: gated patches only get here with ``approximate=True``, and then a
     neuron's rows under different gates are summed like any other shared neuron.
@@ -282,15 +283,12 @@ def _fold(patches: list[Patch], prefix: str) -> list[LoraLayer]:
     for layer in sorted({layer for p in patches for layer in p.layers}):
         parts = [p.layers[layer] for p in patches if layer in p.layers]
         dtype = functools.reduce(torch.promote_types, [ld.deltas.dtype for ld in parts])
-        work = torch.promote_types(dtype, torch.float32)  # sum in float32 at least
-        idx = torch.cat([ld.neuron_indices for ld in parts])  # [sum k]
-        if idx.numel() == 0:
+        if sum(ld.neuron_indices.numel() for ld in parts) == 0:
             continue
-        deltas = torch.cat([ld.deltas.to(work) for ld in parts])  # [sum k, hidden]
-        unique, inverse = torch.unique(idx, return_inverse=True)  # [r], [sum k]
-        summed = torch.zeros(len(unique), deltas.shape[1], dtype=work).index_add_(
-            0, inverse, deltas
-        )  # [r, hidden]
+        work = torch.promote_types(dtype, torch.float32)  # sum in float32 at least
+        unique, summed = fold_rows(
+            [(ld.neuron_indices, ld.deltas) for ld in parts], work
+        )  # [r], [r, hidden]
         module = ".".join(
             part for part in (prefix, spec.layers_path, str(layer), spec.w_out_path) if part
         )

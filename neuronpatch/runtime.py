@@ -340,12 +340,7 @@ def _refold(
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         ungated = [(i, d) for i, d in ungated if len(i)]
         if ungated:
-            idx = torch.cat([i for i, _ in ungated])  # [sum k]
-            deltas = torch.cat([d.float() for _, d in ungated])  # [sum k, hidden]
-            unique, inverse = torch.unique(idx, return_inverse=True)  # [n], [sum k]
-            summed = torch.zeros(len(unique), deltas.shape[1]).index_add_(
-                0, inverse, deltas
-            )  # [n, hidden]
+            unique, summed = fold_rows(ungated, torch.float32)  # [n], [n, hidden]
             state.folds[layer] = _LayerFold(unique.to(device), summed.to(device, weight.dtype))
         else:
             state.folds.pop(layer, None)
@@ -362,6 +357,22 @@ def _refold(
             state.hooks[layer] = state.arch.w_out[layer].register_forward_hook(_hook(state, layer))
         elif not has_rows and layer in state.hooks:
             state.hooks.pop(layer).remove()
+
+
+def fold_rows(
+    parts: Iterable[tuple[torch.Tensor, torch.Tensor]], accumulate: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the rows of (neuron_indices [k], deltas [k, hidden]) pairs per neuron.
+
+    Returns the sorted unique neurons [n] and their summed deltas [n, hidden], added up in
+    ``accumulate``: what applying the parts together adds to one layer.
+    """
+    parts = list(parts)
+    idx = torch.cat([i for i, _ in parts])  # [sum k]
+    deltas = torch.cat([d.to(accumulate) for _, d in parts])  # [sum k, hidden]
+    unique, inverse = torch.unique(idx, return_inverse=True)  # [n], [sum k]
+    summed = torch.zeros(len(unique), deltas.shape[1], dtype=accumulate)
+    return unique, summed.index_add_(0, inverse, deltas)  # [n, hidden]
 
 
 def _gate_columns(state: _State) -> dict[tuple[int, int], int]:
