@@ -36,7 +36,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .datasets import FORMATS, EditRecord, load_records
-from .editor import DEFAULT_METHOD, METHODS, edit, make_hparams
+from .editor import DEFAULT_METHOD, edit, make_hparams
 from .errors import NeuronpatchError, PatchFileError
 from .patch import Patch
 from .request import EditRequest
@@ -393,7 +393,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def add_subparsers(sub: argparse._SubParsersAction) -> None:
     """The ``batch`` command."""
-    from .models import DEFAULT_MODEL
+    from .cli import add_edit_arguments  # imported here: cli imports this module
 
     p = sub.add_parser(
         "batch",
@@ -416,19 +416,7 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
         choices=("requests", *FORMATS),
         help="how to read REQUESTS (default: told from its fields)",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"embedded name, folder or Hub id (default {DEFAULT_MODEL})",
-    )
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
-    p.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="override a hyperparameter, e.g. --hparam lr=0.002 (repeatable)",
-    )
+    add_edit_arguments(p)
     p.add_argument("--n", type=int, help="only the first N requests")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the patches")
     p.add_argument(

@@ -215,6 +215,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------
 
 
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --method and --hparam: shared by every command that edits (edit, eval, batch)."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded name, folder or Hub id (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    p.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="override a hyperparameter, e.g. --hparam lr=0.002 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronpatch",
@@ -227,23 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit a fact and save the patch",
         description="Locate the neurons for a fact, learn their deltas, save a patch.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"embedded name, folder or Hub id (default {DEFAULT_MODEL})",
-    )
     p.add_argument("--prompt", required=True, help="prompt that should continue with the target")
     p.add_argument("--subject", required=True, help="the subject, verbatim inside the prompt")
     p.add_argument("--target", required=True, help="the new continuation (target_new)")
     p.add_argument("--target-true", help="the current continuation, if known (recorded only)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
-    p.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="override a hyperparameter, e.g. --hparam lr=0.002 (repeatable)",
-    )
+    add_edit_arguments(p)
     p.add_argument("-o", "--output", required=True, help="where to write the .safetensors patch")
     p.set_defaults(func=cmd_edit)
 

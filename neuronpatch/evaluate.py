@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .arch import resolve
 from .datasets import FORMATS, EditRecord, load_records
-from .editor import DEFAULT_METHOD, METHODS, edit, make_hparams
+from .editor import DEFAULT_METHOD, edit, make_hparams
 from .errors import InvalidRequestError, NeuronpatchError
 from .metrics import (
     agreement,
@@ -521,7 +521,7 @@ def _plot_metrics(summary: Mapping[str, Any], path: Path, Figure) -> None:
 
 def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``neuronpatch eval`` on the CLI's subparsers."""
-    from .models import DEFAULT_MODEL
+    from .cli import add_edit_arguments  # imported here: cli imports this module
 
     p = subparsers.add_parser(
         "eval",
@@ -539,20 +539,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
         "(owner/name/path/in/repo.json)",
     )
     p.add_argument("--format", choices=FORMATS, help="default: told from the first record")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"embedded name, folder or Hub id (default {DEFAULT_MODEL})",
-    )
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    add_edit_arguments(p)
     p.add_argument("--n", type=int, help="only the first N records")
-    p.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="override a hyperparameter, e.g. --hparam max_steps=20 (repeatable)",
-    )
     p.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency")
     p.add_argument("--seed", type=int, default=0, help="seed of the fluency samples (default 0)")
     p.add_argument(
