@@ -114,6 +114,11 @@ def resolve(model: nn.Module) -> ModelArch:
     )
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's (first) parameters live: where its inputs should go."""
+    return next(model.parameters()).device
+
+
 def base_model_info(model: nn.Module) -> BaseModelInfo:
     """The identity a patch made on ``model`` records (name, model_type, sizes)."""
     arch = resolve(model)

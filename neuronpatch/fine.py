@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fingerprint
-from .arch import ModelArch, base_model_info, resolve
+from .arch import ModelArch, base_model_info, device_of, resolve
 from .errors import InvalidHparamsError, InvalidRequestError
 from .patch import Patch
 from .request import EditRequest
@@ -139,7 +139,7 @@ def locate(
     request = EditRequest.coerce(request)
     arch = resolve(model)
     candidates = _candidate_layers(arch, frozen_layers, layers)
-    tf = teacher_forced(tokenizer, request.prompt, request.target_new, _device(model))
+    tf = teacher_forced(tokenizer, request.prompt, request.target_new, device_of(model))
     scores = _scores(model, arch, tf, candidates)  # [T, L', inter]
     top = scores.flatten(1).topk(k, dim=-1)  # per position, jointly across layers
     best: dict[tuple[int, int], float] = {}
@@ -262,10 +262,6 @@ def _replayed_prefix(
             del layer.forward
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @dataclass(frozen=True)
 class Negatives:
     """Extra sequences whose next-token distributions the edit must keep (a locality term).
@@ -318,7 +314,7 @@ def run_edit(
     request = EditRequest.coerce(request)
     arch = resolve(model)
     started = time.perf_counter()
-    device = _device(model)
+    device = device_of(model)
     tf = teacher_forced(tokenizer, request.prompt, request.target_new, device)
     if len(tf.answer_ids) == 0:
         raise InvalidRequestError(f"target_new {request.target_new!r} tokenises to nothing")

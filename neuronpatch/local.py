@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ModelArch, resolve
+from .arch import ModelArch, device_of, resolve
 from .errors import InvalidHparamsError
 from .fine import FineHparams, Negatives, run_edit
 from .gates import GateBank
@@ -98,15 +98,11 @@ def _residual(
     return out.hidden_states[layer + 1].float()
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def generic_centre(model: nn.Module, tokenizer, layer: int) -> torch.Tensor:
     """Mean residual at ``layer`` over generic text, position 0 (an attention sink) dropped."""
     rows = []
     for text in GENERIC_TEXT:
-        ids = torch.tensor([tokenizer(text).input_ids], device=_device(model))
+        ids = torch.tensor([tokenizer(text).input_ids], device=device_of(model))
         rows.append(_residual(model, ids, layer)[0, 1:])  # [S - 1, hidden]
     return torch.cat(rows).mean(0)  # [hidden]
 
@@ -118,7 +114,7 @@ def subject_end(tokenizer, prompt: str, subject: str) -> int:
         enc = tokenizer(prompt, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
         for i, (start, stop) in enumerate(offsets):
-            if start < end <= stop or (start < end and stop >= end):
+            if start < end <= stop:
                 return i
         candidates = [i for i, (start, stop) in enumerate(offsets) if stop <= end and stop > 0]
         if candidates:
@@ -130,7 +126,7 @@ def subject_end(tokenizer, prompt: str, subject: str) -> int:
 
 def make_gate(model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams) -> Gate:
     """The subject gate for ``request``: key = centred residual of the subject's last token."""
-    ids = torch.tensor([tokenizer(request.prompt).input_ids], device=_device(model))
+    ids = torch.tensor([tokenizer(request.prompt).input_ids], device=device_of(model))
     centre = generic_centre(model, tokenizer, hp.gate_layer)  # [hidden]
     h = _residual(model, ids, hp.gate_layer)[0]  # [S, hidden]
     key = h[subject_end(tokenizer, request.prompt, request.subject)] - centre  # [hidden]
@@ -138,7 +134,7 @@ def make_gate(model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparam
 
 
 def _gate_fn(model: nn.Module, gate: Gate) -> Callable:
-    bank = GateBank([gate], _device(model))
+    bank = GateBank([gate], device_of(model))
 
     def open_positions(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
         h = _residual(model, input_ids, gate.layer, attention_mask)  # [B, S, hidden]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .arch import device_of
 from .tokens import TeacherForced, teacher_forced
 
 # Two-sided 95% Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher
@@ -109,10 +110,6 @@ def _t975(df: int) -> float:
 # --- model-side ------------------------------------------------------------------------
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def argmax_at_answers(
     model: nn.Module, sequences: Sequence[TeacherForced], batch_size: int = 16, pad_id: int = 0
@@ -122,7 +119,7 @@ def argmax_at_answers(
     Sequences are right-padded into batches: a causal model's logits at a real token never
     see the padding after it, and position ids count from 0 whatever the mask.
     """
-    device = _device(model)
+    device = device_of(model)
     results: list[list[int]] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -172,7 +169,7 @@ def sample_text(
     an end-of-text token does not stop it, and the decoded text (prompt included) is
     NFKD-normalised with blank lines turned into spaces.
     """
-    device = _device(model)
+    device = device_of(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, P]
     generator = torch.Generator(device=device).manual_seed(seed)
     # transformers renamed past_key_values to cache (argument and output) in 5.x
