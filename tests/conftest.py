@@ -12,7 +12,7 @@ import transformers
 
 import neuronpatch
 from neuronpatch import fingerprint
-from neuronpatch.arch import resolve
+from neuronpatch.arch import base_model_info, resolve
 
 # Keep the (2-core) CI machine's threads for the tests themselves.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -112,13 +112,7 @@ def make_patch(model, layers=None, k: int = 4, scale: float = 0.5, seed: int = 0
         )
         for layer in layers
     }
-    base = neuronpatch.BaseModelInfo(
-        model.config.name_or_path,
-        arch.model_type,
-        arch.num_layers,
-        arch.hidden_size,
-        arch.intermediate_size,
-    )
+    base = base_model_info(model)
     return neuronpatch.Patch(content, base, base_fingerprint=fingerprint.compute(arch), **meta)
 
 

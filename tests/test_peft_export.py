@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel
 
 import neuronpatch
 from neuronpatch import Patch, peft_export
-from neuronpatch.arch import resolve
+from neuronpatch.arch import base_model_info, resolve
 from neuronpatch.cli import main
 from neuronpatch.errors import ExportError, GatedPatchError, NeuronpatchError
 from neuronpatch.patch import Gate, LayerDelta
@@ -52,14 +52,7 @@ def _load_peft(model, directory: Path) -> PeftModel:
 
 
 def _manual_patch(model, layers: dict[int, tuple[list[int], torch.Tensor]], **meta) -> Patch:
-    arch = resolve(model)
-    base = neuronpatch.BaseModelInfo(
-        model.config.name_or_path,
-        arch.model_type,
-        arch.num_layers,
-        arch.hidden_size,
-        arch.intermediate_size,
-    )
+    base = base_model_info(model)
     content = {
         layer: (torch.tensor(idx, dtype=torch.int64), deltas)
         for layer, (idx, deltas) in layers.items()
