@@ -111,10 +111,17 @@ def _candidate_layers(
 
 @torch.no_grad()
 def _scores(
-    model: nn.Module, arch: ModelArch, tf: TeacherForced, layers: list[int]
+    model: nn.Module,
+    arch: ModelArch,
+    tf: TeacherForced,
+    layers: list[int],
+    activations: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Contribution scores c(l, i) at every target position: [T, len(layers), inter]."""
-    logits, acts = _activations(model, arch, tf.input_ids)
+    """Contribution scores c(l, i) at every target position: [T, len(layers), inter].
+
+    ``activations`` is ``_activations(model, arch, tf.input_ids)`` when already computed.
+    """
+    logits, acts = activations or _activations(model, arch, tf.input_ids)
     positions = tf.answer_positions.to(logits.device)
     predicted = logits[positions].argmax(-1)  # [T]: the model's own next token
     unembed = model.get_output_embeddings().weight[predicted].float()  # [T, hidden]
@@ -141,12 +148,21 @@ def locate(
     candidates = _candidate_layers(arch, frozen_layers, layers)
     tf = teacher_forced(tokenizer, request.prompt, request.target_new, device_of(model))
     scores = _scores(model, arch, tf, candidates)  # [T, L', inter]
+    return select_top(scores, candidates, k)
+
+
+def select_top(scores: torch.Tensor, layers: Sequence[int], k: int) -> list[NeuronScore]:
+    """The union over positions of each position's top-``k`` neurons, jointly across layers.
+
+    ``scores`` is [T, len(layers), inter]; a neuron kept at several positions keeps its best.
+    """
+    inter = scores.shape[-1]
     top = scores.flatten(1).topk(k, dim=-1)  # per position, jointly across layers
     best: dict[tuple[int, int], float] = {}
     for value, flat in zip(
         top.values.flatten().tolist(), top.indices.flatten().tolist(), strict=True
     ):
-        key = (candidates[flat // arch.intermediate_size], flat % arch.intermediate_size)
+        key = (layers[flat // inter], flat % inter)
         best[key] = max(best.get(key, -math.inf), value)
     ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))
     return [NeuronScore(layer, index, score) for (layer, index), score in ranked]
@@ -303,13 +319,16 @@ def run_edit(
     negatives: Callable[[EditRequest], Negatives | None] | None = None,
     gates: tuple = (),
     extra: dict | None = None,
+    locator: Callable[..., list[NeuronScore]] | None = None,
 ) -> Patch:
     """FiNE's locate + optimise, with the hooks the locality-aware variants need.
 
     ``layers`` overrides where neurons may be located; ``gate(ids [B, S], mask) -> [B, S]``
     gives where the patch will be open (its rows are multiplied by it during optimisation);
     ``negatives(request)`` adds a KL term keeping other sequences' distributions; ``gates``
-    are stored in the patch, guarding every row.
+    are stored in the patch, guarding every row. ``locator(model, tokenizer, request, hp,
+    layers) -> [NeuronScore]`` replaces FiNE's contribution-score location (another method's
+    neuron choice, same optimisation).
     """
     request = EditRequest.coerce(request)
     arch = resolve(model)
@@ -321,7 +340,10 @@ def run_edit(
     where = hp.layers if layers is None else layers
 
     with _frozen(model):
-        neurons = locate(model, tokenizer, request, hp.k, hp.frozen_layers, where)
+        if locator is not None:
+            neurons = locator(model, tokenizer, request, hp, where)
+        else:
+            neurons = locate(model, tokenizer, request, hp.k, hp.frozen_layers, where)
         if hp.random_neurons:
             neurons = _random_neurons(model, arch, tf, len(neurons), replace(hp, layers=where))
         groups: dict[int, list[int]] = {}

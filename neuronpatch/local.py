@@ -13,6 +13,8 @@ switchable in ``LocalHparams`` so its effect can be measured:
 3. **Locality term** (``negatives_weight``): KL(unedited || edited) on the same subject in
    other relations (``negative_templates``), where the gate is open too, so the edit learns
    to change this relation's answer and not everything said about the subject.
+4. **Specific neurons** (``specific_neurons``): location scores are scaled by how much
+   more a neuron fires on this prompt than on the subject's other relations.
 
 The optimisation is FiNE's otherwise (same losses, steps, early stop, seed).
 """
@@ -29,10 +31,20 @@ from torch import nn
 
 from .arch import ModelArch, device_of, resolve
 from .errors import InvalidHparamsError
-from .fine import FineHparams, Negatives, run_edit
+from .fine import (
+    FineHparams,
+    Negatives,
+    NeuronScore,
+    _activations,
+    _candidate_layers,
+    _scores,
+    run_edit,
+    select_top,
+)
 from .gates import GateBank
 from .patch import Gate, Patch
 from .request import EditRequest
+from .tokens import teacher_forced
 
 # Generic text (no named entity) whose mean residual centres the gate's cosine.
 GENERIC_TEXT = (
@@ -68,6 +80,7 @@ class LocalHparams(FineHparams):
     gate_threshold: float = 0.75  # cosine with the centred subject key
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
+    specific_neurons: bool = False  # rank neurons by score x specificity to this relation
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +192,39 @@ def _negatives_fn(model: nn.Module, tokenizer, hp: LocalHparams) -> Callable:
     return build
 
 
+def locate_specific(
+    model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams, layers
+) -> list[NeuronScore]:
+    """FiNE's location, with each score scaled by how specific the neuron is to this fact.
+
+    A gated patch is open on every prompt about its subject, so a neuron that fires as
+    strongly on the subject's other relations (``negative_prompts``) carries the edit there
+    too. Specificity at target position t: relu(1 - a_neg / |q_t|), where a_neg is the
+    neuron's largest |activation| on those prompts from the subject on; 0 for a neuron that
+    fires at least as much elsewhere, 1 for one silent there.
+    """
+    arch = resolve(model)
+    device = device_of(model)
+    candidates = _candidate_layers(arch, hp.frozen_layers, layers)
+    tf = teacher_forced(tokenizer, request.prompt, request.target_new, device)
+    activations = _activations(model, arch, tf.input_ids)
+    scores = _scores(model, arch, tf, candidates, activations)  # [T, L', inter]
+    positions = tf.answer_positions.to(device)
+    q_edit = torch.stack(
+        [activations[1][layer][positions] for layer in candidates], 1
+    )  # [T, L', inter]
+    elsewhere = torch.zeros_like(q_edit[0])  # [L', inter]
+    for prompt in negative_prompts(request, hp.negative_templates):
+        ids = torch.tensor([tokenizer(prompt).input_ids], device=device)
+        _, acts = _activations(model, arch, ids)
+        start = subject_end(tokenizer, prompt, request.subject)
+        for j, layer in enumerate(candidates):
+            peak = acts[layer][start:].float().abs().amax(0)  # [inter]
+            elsewhere[j] = torch.maximum(elsewhere[j], peak)
+    specificity = (1 - elsewhere / q_edit.float().abs().clamp_min(1e-6)).clamp_min(0)
+    return select_top(scores * specificity, candidates, hp.k)
+
+
 def edit_local(
     model: nn.Module,
     tokenizer,
@@ -210,4 +256,5 @@ def edit_local(
         gate=_gate_fn(model, gate) if gate is not None else None,
         negatives=_negatives_fn(model, tokenizer, hp),
         gates=(gate,) if gate is not None else (),
+        locator=locate_specific if hp.specific_neurons else None,
     )

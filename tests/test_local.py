@@ -12,7 +12,8 @@ from test_fine import TinyTokenizer
 
 import neuronpatch
 from neuronpatch.errors import InvalidHparamsError
-from neuronpatch.local import LocalHparams, negative_prompts, subject_end
+from neuronpatch.fine import locate
+from neuronpatch.local import LocalHparams, locate_specific, negative_prompts, subject_end
 from neuronpatch.patch import Patch
 from neuronpatch.request import EditRequest
 
@@ -85,6 +86,34 @@ def test_negative_prompts_skip_the_edited_relation():
     request = EditRequest("The occupation of Ada Lovelace is", "Ada Lovelace", "chef")
     prompts = negative_prompts(request, ("The occupation of {subject} is", "{subject} was born in"))
     assert prompts == ["Ada Lovelace was born in"]
+
+
+def test_specific_neurons_without_other_relations_is_fines_choice():
+    model = build_tiny("llama")
+    request = EditRequest(**TINY)
+    # the only template asks the edited relation itself, so there is nothing to be specific against
+    hp = LocalHparams(**TINY_HP, k=6, negative_templates=("alpha {subject} gamma",))
+    assert negative_prompts(request, hp.negative_templates) == []
+    layers = [1]
+    assert locate_specific(model, TinyTokenizer(), request, hp, layers) == locate(
+        model, TinyTokenizer(), request, k=6, layers=layers
+    )
+
+
+def test_specific_neurons_score_zero_for_neurons_firing_as_much_elsewhere():
+    model = build_tiny("llama")
+    # one target token, so the only target position is the prompt's last; the "other
+    # relation" starts with the whole prompt, so a causal model's neurons fire exactly as
+    # much there: no neuron is specific to the edit
+    request = EditRequest("alpha beta gamma", "beta", "delta")
+    hp = LocalHparams(**TINY_HP, k=6, negative_templates=("alpha {subject} gamma zeta",))
+    assert negative_prompts(request, hp.negative_templates) == ["alpha beta gamma zeta"]
+    plain = locate(model, TinyTokenizer(), request, k=6, layers=[1])
+    top = max(n.score for n in plain)
+    assert top > 0
+    specific = locate_specific(model, TinyTokenizer(), request, hp, [1])
+    # zero up to float noise: the longer sequence may round its matmuls differently
+    assert len(specific) == 6 and all(abs(n.score) < 1e-4 * top for n in specific)
 
 
 def test_subject_end_without_offsets_falls_back_to_the_prefix():
