@@ -3,9 +3,10 @@
 from ._version import __version__
 from .arch import supported_model_types
 from .datasets import EditRecord, load_records
-from .editor import edit
+from .editor import edit, locate
 from .errors import NeuronpatchError
-from .fine import FineHparams, NeuronScore, locate
+from .fine import FineHparams, NeuronScore
+from .kne import KneHparams
 from .models import load_model
 from .patch import BaseModelInfo, LayerDelta, Patch
 from .request import EditRequest
@@ -16,6 +17,7 @@ __all__ = [
     "EditRecord",
     "EditRequest",
     "FineHparams",
+    "KneHparams",
     "LayerDelta",
     "NeuronScore",
     "NeuronpatchError",

@@ -1,4 +1,4 @@
-"""The user-facing ``edit`` verb: pick a method, run it per request, return patches."""
+"""The user-facing ``edit`` and ``locate`` verbs: pick a method, run it per request."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Any
 
 from torch import nn
 
+from . import fine, kne
 from .errors import InvalidHparamsError
-from .fine import FineHparams, edit_fine
+from .fine import FineHparams, NeuronScore, edit_fine
+from .kne import KneHparams, edit_kne
 from .local import LocalHparams, edit_local
 from .patch import Patch
 from .request import EditRequest
@@ -20,8 +22,20 @@ RequestLike = EditRequest | Mapping[str, Any]
 METHODS: dict[str, tuple[type, Callable[..., Patch]]] = {
     "fine": (FineHparams, edit_fine),
     "local": (LocalHparams, edit_local),
+    "kne": (KneHparams, edit_kne),
 }
 DEFAULT_METHOD = "fine"
+
+
+def _locate_fine(model: nn.Module, tokenizer, request: EditRequest, hp: FineHparams):
+    return fine.locate(model, tokenizer, request, hp.k, hp.frozen_layers, hp.layers)
+
+
+# method name -> function(model, tokenizer, request, hparams) -> [NeuronScore], strongest first
+LOCATORS: dict[str, Callable[..., list[NeuronScore]]] = {
+    "fine": _locate_fine,
+    "kne": kne.locate,
+}
 
 
 def make_hparams(method: str, hparams: Any = None, **overrides: Any) -> Any:
@@ -62,3 +76,26 @@ def edit(
         requests = [EditRequest.coerce(r) for r in request]  # validate all before editing any
         return [run(model, tokenizer, r, hp, progress) for r in requests]
     return run(model, tokenizer, EditRequest.coerce(request), hp, progress)
+
+
+def locate(
+    model: nn.Module,
+    tokenizer,
+    request: RequestLike,
+    k: int | None = None,
+    frozen_layers: int | None = None,
+    layers: Sequence[int] | None = None,
+    method: str = DEFAULT_METHOD,
+    **overrides: Any,
+) -> list[NeuronScore]:
+    """The neurons ``method`` would edit for ``request``, strongest first.
+
+    ``k`` and ``frozen_layers`` default to the method's own defaults (FiNE: 5 per target
+    token, KNE: 20 in all; both freeze the last 3 layers); ``overrides`` are further
+    hyperparameters of the method (e.g. KNE's ``selection="threshold"``).
+    """
+    given = {"k": k, "frozen_layers": frozen_layers, "layers": layers}
+    hp = make_hparams(method, **{n: v for n, v in given.items() if v is not None}, **overrides)
+    if method not in LOCATORS:
+        raise InvalidHparamsError(f"locate supports the methods {sorted(LOCATORS)}, got {method!r}")
+    return LOCATORS[method](model, tokenizer, EditRequest.coerce(request), hp)
