@@ -23,7 +23,7 @@ DATASETS = {
     "easyedit_counterfact_counterfact-val": "CounterFact",
     "knowedit_wiki_counterfact_train_cf": "WikiData_counterfact",
 }
-LRS = (0.001, 0.002, 0.005)
+LRS = (0.001, 0.002, 0.005, 0.01)
 # (metric key in summary.json, column title); the locality column depends on the dataset
 COLUMNS = [
     ("edit_succ", "Edit Succ"),
@@ -35,10 +35,10 @@ COLUMNS = [
 ]
 
 
-def run(data_dir: Path, n: int, model: str, work: Path) -> None:
+def run(data_dir: Path, n: int, model: str, work: Path, lrs=LRS, datasets=tuple(DATASETS)) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for stem in DATASETS:
-        for lr in LRS:
+    for stem in datasets:
+        for lr in lrs:
             out = work / f"{stem}_lr{lr}"
             subprocess.run(
                 [
@@ -184,9 +184,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--work", type=Path, default=Path("runs/fine_lr_sweep"))
     parser.add_argument("--collate-only", action="store_true")
+    parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="a subset to run")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     args = parser.parse_args()
     if not args.collate_only:
-        run(args.data_dir, args.n, args.model, args.work)
+        run(args.data_dir, args.n, args.model, args.work, args.lrs, args.datasets)
     collate()
 
 

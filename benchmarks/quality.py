@@ -36,6 +36,13 @@ VARIANTS = {
     "local: gate": ("local", {}),
     "local: gate + negatives": ("local", {"negatives_weight": 1.0}),
     "local: negatives, no gate": ("local", {"gate": False, "negatives_weight": 1.0}),
+    "local: gate + specific neurons": ("local", {"specific_neurons": True}),
+    "local: gate + negatives x10": ("local", {"negatives_weight": 10.0}),
+    "local: gate + specific neurons + negatives": (
+        "local",
+        {"specific_neurons": True, "negatives_weight": 1.0},
+    ),
+    "KNE": ("kne", {}),
 }
 MODELS = ("smollm2-135m", "gemma3-270m")
 COLUMNS = [
