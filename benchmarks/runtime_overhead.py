@@ -3,20 +3,25 @@
 Measures, in one process:
 
 * greedy-generation throughput (tokens/s) unpatched vs with 1, 10, 100 and 1000 stacked
-  patches (and the 1000 patches merged into the weights), at batch 1 and batch 8, as ratios
-  to the unpatched speed of the same round. Every round runs every configuration once, in a
-  fresh random order, so slow drift of a shared machine hits all of them alike; the reported
-  ratio is the median over rounds of (config tokens/s) / (unpatched tokens/s of that round).
+  patches (and the 1000 patches merged into the weights), and with 1, 100 and 1000 stacked
+  *gated* patches (each guarded by a subject gate on layer 1, as method="local" makes them;
+  closed on every prompt, plus one configuration whose gate opens on the first prompt), at
+  batch 1 and batch 8, as ratios to the unpatched speed of the same round. Every round runs
+  every configuration once, in a fresh random order, so slow drift of a shared machine hits
+  all of them alike; the reported ratio is the median over rounds of (config tokens/s) /
+  (unpatched tokens/s of that round).
   A second unpatched configuration ("unpatched (A/A)") measures the noise floor.
-* apply and remove times for 1, 10, 100 and 1000 patches, and the cost of applying the N-th
-  patch onto N-1 already applied ones (the layer folds are rebuilt on every apply);
+* apply and remove times for 1, 10, 100 and 1000 patches (and 1, 100, 1000 gated ones), and
+  the cost of applying the N-th patch onto N-1 already applied ones (the layer folds are
+  rebuilt on every apply);
 * patch file bytes per neuron;
-* a per-layer breakdown of the hook cost (gather, matmul, add, Python hook dispatch).
+* a per-layer breakdown of the hook cost (gather, matmul, add, Python hook dispatch), and of
+  the gated patches' hooks (decoder pre-hook, gate hook, gated folds).
 
 Timings are reported, never asserted. Usage::
 
-    .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~10 min on 2 cores
-    .venv/bin/python benchmarks/runtime_overhead.py --quick    # smoke run, ~1 min
+    .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~15 min on 2 cores
+    .venv/bin/python benchmarks/runtime_overhead.py --quick    # smoke run, ~2 min
     .venv/bin/python benchmarks/runtime_overhead.py --out DIR  # results elsewhere
 
 Writes runtime_overhead.json (raw numbers), runtime_overhead.md (tables) and
@@ -52,7 +57,9 @@ import torch  # noqa: E402
 import neuronpatch  # noqa: E402
 from neuronpatch import fingerprint  # noqa: E402
 from neuronpatch.arch import ModelArch, resolve  # noqa: E402
-from neuronpatch.runtime import _state  # noqa: E402
+from neuronpatch.local import generic_centre, subject_end  # noqa: E402
+from neuronpatch.patch import Gate  # noqa: E402
+from neuronpatch.runtime import _GateState, _state  # noqa: E402
 
 MODEL = "smollm2-135m"
 PATCH_COUNTS = (1, 10, 100, 1000)
@@ -61,6 +68,11 @@ NEURONS_PER_PATCH = 20
 PATCH_LAYERS = 27  # neurons are drawn from layers 0..26
 DELTA_SCALE = 1e-3
 TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
+GATED_COUNTS = (1, 100, 1000)
+GATE_LAYER = 1  # as method="local" (LocalHparams.gate_layer): rows sit in layers 2..26
+GATE_THRESHOLD = 0.75  # LocalHparams.gate_threshold
+GATED_TARGETS = {1: 3.0, 1000: 12.0}  # max slowdown % with that many stacked gated patches
+OPEN_SUBJECT = "France"  # the open gate's key: this word's residual in PROMPTS[0]
 PROMPTS = [
     "The capital of France is",
     "In 1969, the first person to walk on the Moon was",
@@ -72,47 +84,169 @@ PROMPTS = [
     "When the sun sets over the ocean, the sky turns",
 ]
 UNPATCHED, CONTROL = "unpatched", "unpatched (A/A)"
+GATED_OPEN = "1 gated (open)"
 
 
 # --- configurations ----------------------------------------------------------------------
 
 
+def gated_name(count: int) -> str:
+    return f"{count} gated"
+
+
 def config_names() -> list[str]:
-    return [UNPATCHED, CONTROL, *(str(n) for n in PATCH_COUNTS), "1000 merged"]
+    return [
+        UNPATCHED,
+        CONTROL,
+        *(str(n) for n in PATCH_COUNTS),
+        "1000 merged",
+        *(gated_name(n) for n in GATED_COUNTS),
+        GATED_OPEN,
+    ]
+
+
+def targets() -> dict[str, float]:
+    """Max slowdown % per configuration: TARGETS, and GATED_TARGETS for closed and open gates."""
+    limits = {str(n): limit for n, limit in TARGETS.items()}
+    limits |= {gated_name(n): limit for n, limit in GATED_TARGETS.items()}
+    limits[GATED_OPEN] = GATED_TARGETS[1]
+    return limits
+
+
+def describe(config: str) -> str:
+    """A configuration in words: '1000 gated' -> '1000 gated patches'."""
+    words = config.split()
+    count, kind = int(words[0]), [w for w in words[1:] if w != "(open)"]
+    noun = "patch" if count == 1 else "patches"
+    return " ".join([str(count), *kind, noun]) + (", gate open" if config == GATED_OPEN else "")
+
+
+@dataclass
+class PatchSets:
+    """The benchmark's patches: ungated ones, gated ones (gates closed on every prompt), and
+    one gated patch whose gate opens on PROMPTS[0]."""
+
+    ungated: list[neuronpatch.Patch]
+    gated: list[neuronpatch.Patch]
+    gated_open: neuronpatch.Patch
+
+    def for_config(self, name: str) -> list[neuronpatch.Patch]:
+        """The patches configuration ``name`` applies (before merging, for "1000 merged")."""
+        if name in (UNPATCHED, CONTROL):
+            return []
+        if name == GATED_OPEN:
+            return [self.gated_open]
+        count = int(name.split()[0])
+        return (self.gated if name == gated_name(count) else self.ungated)[:count]
+
+
+def _base(arch: ModelArch, name: str) -> neuronpatch.BaseModelInfo:
+    return neuronpatch.BaseModelInfo(
+        name, arch.model_type, arch.num_layers, arch.hidden_size, arch.intermediate_size
+    )
+
+
+def _random_rows(
+    arch: ModelArch, g: torch.Generator, lowest: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """20 random (layer, neuron) pairs in layers lowest..26 with small random deltas."""
+    layers = torch.randint(lowest, PATCH_LAYERS, (NEURONS_PER_PATCH,), generator=g).tolist()
+    return {
+        layer: (
+            torch.randperm(arch.intermediate_size, generator=g)[:k],  # [k]
+            torch.randn(k, arch.hidden_size, generator=g) * DELTA_SCALE,  # [k, hidden]
+        )
+        for layer, k in sorted(Counter(layers).items())
+    }
 
 
 def make_patches(arch: ModelArch, count: int, name: str) -> list[neuronpatch.Patch]:
     """``count`` distinct patches of 20 random (layer, neuron) pairs in layers 0..26."""
-    base = neuronpatch.BaseModelInfo(
-        name, arch.model_type, arch.num_layers, arch.hidden_size, arch.intermediate_size
+    base, fp = _base(arch, name), fingerprint.compute(arch)
+    return [
+        neuronpatch.Patch(
+            _random_rows(arch, torch.Generator().manual_seed(10_000 + seed), 0),
+            base,
+            base_fingerprint=fp,
+            method="benchmark",
+        )
+        for seed in range(count)
+    ]
+
+
+def make_gated_patch(
+    arch: ModelArch,
+    seed: int,
+    base: neuronpatch.BaseModelInfo,
+    fp: torch.Tensor,
+    centre: torch.Tensor,
+    key: torch.Tensor | None = None,
+) -> neuronpatch.Patch:
+    """A patch as method="local" makes one: 20 random neurons in layers 2..26, every row
+    guarded by one subject gate on layer 1 (``key``, default a random unit vector, and the
+    shared ``centre``; threshold 0.75)."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    if key is None:
+        key = torch.randn(arch.hidden_size, generator=g)  # [hidden]
+        key = key / key.norm()
+    gate = Gate(GATE_LAYER, key, centre, GATE_THRESHOLD)
+    rows = _random_rows(arch, g, GATE_LAYER + 1)
+    return neuronpatch.Patch(
+        {
+            layer: (idx, deltas, torch.zeros(len(idx), dtype=torch.int64))  # all under gate 0
+            for layer, (idx, deltas) in rows.items()
+        },
+        base,
+        base_fingerprint=fp,
+        gates=(gate,),
+        method="benchmark",
     )
-    fp = fingerprint.compute(arch)
-    patches = []
-    for seed in range(count):
-        g = torch.Generator().manual_seed(10_000 + seed)
-        layers = torch.randint(0, PATCH_LAYERS, (NEURONS_PER_PATCH,), generator=g).tolist()
-        content = {
-            layer: (
-                torch.randperm(arch.intermediate_size, generator=g)[:k],  # [k]
-                torch.randn(k, arch.hidden_size, generator=g) * DELTA_SCALE,  # [k, hidden]
-            )
-            for layer, k in sorted(Counter(layers).items())
-        }
-        patches.append(neuronpatch.Patch(content, base, base_fingerprint=fp, method="benchmark"))
-    return patches
 
 
-def set_config(model, patches: list[neuronpatch.Patch], name: str) -> None:
+def gate_vectors(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gates' shared centre (method="local"'s mean residual over generic text at
+    GATE_LAYER) and the open gate's key: OPEN_SUBJECT's centred residual in PROMPTS[0]."""
+    with torch.inference_mode():
+        centre = generic_centre(model, tokenizer, GATE_LAYER)  # [hidden]
+        ids = torch.tensor([tokenizer(PROMPTS[0]).input_ids])  # [1, S]
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[GATE_LAYER + 1][0]
+    position = subject_end(tokenizer, PROMPTS[0], OPEN_SUBJECT)
+    return centre.clone(), (h[position].float() - centre).clone()  # [hidden], [hidden]
+
+
+def make_patch_sets(model, tokenizer, arch: ModelArch) -> PatchSets:
+    name = model.config.name_or_path
+    base, fp = _base(arch, name), fingerprint.compute(arch)
+    centre, open_key = gate_vectors(model, tokenizer)
+    # a random key's cosine with any centred residual is ~N(0, 1/hidden): these never open
+    gated = [make_gated_patch(arch, s, base, fp, centre) for s in range(max(GATED_COUNTS))]
+    return PatchSets(
+        make_patches(arch, max(PATCH_COUNTS), name),
+        gated,
+        make_gated_patch(arch, -1, base, fp, centre, key=open_key),
+    )
+
+
+def set_config(model, sets: PatchSets, name: str) -> None:
     """Bring ``model`` into configuration ``name`` from whatever state it is in."""
     if neuronpatch.is_merged(model):
         neuronpatch.unmerge(model)
     neuronpatch.remove(model)
-    if name in (UNPATCHED, CONTROL):
-        return
-    count = int(name.split()[0])
-    neuronpatch.apply(model, patches[:count])
+    patches = sets.for_config(name)
+    if patches:
+        neuronpatch.apply(model, patches)
     if name.endswith("merged"):
         neuronpatch.merge(model)
+
+
+def gates_open(model) -> float | None:
+    """Fraction of (sequence, gate) pairs open at the last position of the last forward pass
+    (None without gates): checks that the "closed" gates stay closed and the open one opens."""
+    state = _state(model)
+    gates = state.gates if state is not None else None
+    if gates is None or gates.carried is None:
+        return None
+    return float(gates.carried.float().mean())
 
 
 # --- generation throughput ---------------------------------------------------------------
@@ -143,7 +277,7 @@ def generate_once(
 def throughput(
     model,
     tokenizer,
-    patches,
+    sets: PatchSets,
     repeats: int,
     new_tokens: int,
     warmup: int,
@@ -158,8 +292,8 @@ def throughput(
     inputs = {b: encode(tokenizer, b) for b in BATCHES}
     names = config_names()
     log(f"warm-up ({warmup} generations per batch size and configuration kind)")
-    for name in (UNPATCHED, "1000", "1000 merged"):
-        set_config(model, patches, name)
+    for name in (UNPATCHED, "1000", "1000 merged", gated_name(max(GATED_COUNTS))):
+        set_config(model, sets, name)
         for _ in range(warmup):
             for b in BATCHES:
                 generate_once(model, inputs[b], new_tokens)
@@ -177,7 +311,7 @@ def throughput(
         rng.shuffle(order)
         batches = list(BATCHES) if r % 2 == 0 else list(reversed(BATCHES))
         for name in order:
-            set_config(model, patches, name)
+            set_config(model, sets, name)
             for b in batches:
                 seconds, cpu_seconds, generated = generate_once(model, inputs[b], new_tokens)
                 runs.append(
@@ -189,13 +323,14 @@ def throughput(
                         cpu_seconds=cpu_seconds,
                         tokens=generated,
                         tokens_per_s=generated / seconds,
+                        gates_open=gates_open(model),
                     )
                 )
         summary = ", ".join(
             f"{x['config']}/b{x['batch']}={x['tokens_per_s']:.1f}" for x in runs if x["round"] == r
         )
         log(f"round {r + 1}/{repeats}: {summary}")
-    set_config(model, patches, UNPATCHED)
+    set_config(model, sets, UNPATCHED)
 
     results: dict[str, Any] = {}
     for b in BATCHES:
@@ -211,6 +346,7 @@ def throughput(
             tps = [x["tokens_per_s"] for x in mine]
             paired = [x["tokens_per_s"] / per_round_base[x["round"]] for x in mine]
             ratio = statistics.median(paired)
+            opened = [x["gates_open"] for x in mine if x["gates_open"] is not None]
             rows[name] = dict(
                 tokens_per_s=tps,
                 tokens_per_s_median=statistics.median(tps),
@@ -220,6 +356,7 @@ def throughput(
                 ratio_q75=_quantile(paired, 0.75),
                 ratio_of_medians=statistics.median(tps) / base_median,
                 slowdown_pct=(1 - ratio) * 100,
+                gates_open=statistics.mean(opened) if opened else None,
             )
         results[str(b)] = rows
     return dict(
@@ -246,40 +383,44 @@ def _quantile(values: list[float], q: float) -> float:
 # --- apply / remove ----------------------------------------------------------------------
 
 
-def apply_remove(model, patches, repeats: int, log: Callable) -> dict[str, Any]:
-    set_config(model, patches, UNPATCHED)
+def apply_remove(model, sets: PatchSets, repeats: int, log: Callable) -> dict[str, Any]:
+    """Apply/remove times of the ungated (keyed "1".."1000") and gated ("1 gated"..) series."""
+    set_config(model, sets, UNPATCHED)
+    series = [(str(n), sets.ungated[:n]) for n in PATCH_COUNTS]
+    series += [(gated_name(n), sets.gated[:n]) for n in GATED_COUNTS]
     bulk: dict[str, dict[str, list[float]]] = {}
-    for n in PATCH_COUNTS:
+    for name, patches in series:
         applies, removes = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            neuronpatch.apply(model, patches[:n])
+            neuronpatch.apply(model, patches)
             applies.append(time.perf_counter() - start)
             start = time.perf_counter()
             neuronpatch.remove(model)
             removes.append(time.perf_counter() - start)
-        bulk[str(n)] = dict(apply_s=applies, remove_s=removes)
+        bulk[name] = dict(apply_s=applies, remove_s=removes)
         log(
-            f"apply {n} patches in one call: {statistics.median(applies) * 1e3:.1f} ms, "
+            f"apply {describe(name)} in one call: {statistics.median(applies) * 1e3:.1f} ms, "
             f"remove all: {statistics.median(removes) * 1e3:.1f} ms"
         )
 
     incremental: dict[str, dict[str, list[float]]] = {}
-    for n in PATCH_COUNTS:
+    for name, patches in series:
         applies, removes = [], []
         for _ in range(repeats):
-            if n > 1:
-                neuronpatch.apply(model, patches[: n - 1])
+            if len(patches) > 1:
+                neuronpatch.apply(model, patches[:-1])
             start = time.perf_counter()
-            neuronpatch.apply(model, patches[n - 1])
+            neuronpatch.apply(model, patches[-1])
             applies.append(time.perf_counter() - start)
             start = time.perf_counter()
-            neuronpatch.remove(model, patches[n - 1])
+            neuronpatch.remove(model, patches[-1])
             removes.append(time.perf_counter() - start)
             neuronpatch.remove(model)
-        incremental[str(n)] = dict(apply_s=applies, remove_s=removes)
+        incremental[name] = dict(apply_s=applies, remove_s=removes)
         log(
-            f"apply patch #{n} onto {n - 1}: {statistics.median(applies) * 1e3:.1f} ms, "
+            f"apply patch #{len(patches)} of {describe(name)} onto the others: "
+            f"{statistics.median(applies) * 1e3:.1f} ms, "
             f"remove it again: {statistics.median(removes) * 1e3:.1f} ms"
         )
     return dict(repeats=repeats, bulk=bulk, nth=incremental)
@@ -300,6 +441,10 @@ def file_size(patch: neuronpatch.Patch, arch: ModelArch) -> dict[str, Any]:
     )
     fp = patch.base_fingerprint
     fp_bytes = fp.numel() * fp.element_size() if fp is not None else 0
+    gate_bytes = sum(g.key.nbytes + g.centre.nbytes for g in patch.gates)
+    gate_id_bytes = sum(
+        ld.gate_ids.nbytes for ld in patch.layers.values() if ld.gate_ids is not None
+    )
     return dict(
         neurons=neurons,
         layers=len(patch.layers),
@@ -315,6 +460,8 @@ def file_size(patch: neuronpatch.Patch, arch: ModelArch) -> dict[str, Any]:
             json_header=header,
             neuron_indices=index_bytes,
             base_fingerprint=fp_bytes,
+            gate_keys_and_centres=gate_bytes,
+            gate_ids=gate_id_bytes,
         ),
     )
 
@@ -394,7 +541,9 @@ def _hook_ops(cases: list[_HookCase]) -> dict[str, Callable[[], Any]]:
     }
 
 
-def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> dict[str, Any]:
+def hook_breakdown(
+    model, sets: PatchSets, iters: int, repeats: int, log: Callable
+) -> dict[str, Any]:
     """What the hooks add to one decode step (one new position per sequence), all layers.
 
     Measured directly rather than as (W_out with hook) - (W_out without), a small difference
@@ -406,7 +555,7 @@ def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> d
     arch = resolve(model)
     out: dict[str, Any] = {}
     for n in PATCH_COUNTS:
-        set_config(model, patches, str(n))
+        set_config(model, sets, str(n))
         state = _state(model)
         for b in BATCHES:
             g = torch.Generator().manual_seed(0)
@@ -441,7 +590,109 @@ def hook_breakdown(model, patches, iters: int, repeats: int, log: Callable) -> d
                 f"hook dispatch {row['hook_dispatch_us']:.0f}); "
                 f"W_out itself {row['w_out_forward_us']:.0f} us"
             )
-    set_config(model, patches, UNPATCHED)
+    set_config(model, sets, UNPATCHED)
+    return out
+
+
+def _registered(handle) -> Callable:
+    """The hook function a RemovableHandle stands for."""
+    return handle.hooks_dict_ref()[handle.id]
+
+
+def _gated_hook_ops(
+    model, arch: ModelArch, state, batch: int, g: torch.Generator
+) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    """One decode step's gated hooks, each called directly: the decoder pre-hook (a KV-cache
+    step of a batch of prompts), the gate hooks on the residual, every hooked layer's W_out
+    hook (its gated fold; the gated patches have no ungated rows). Also the hook counts."""
+    gates: _GateState = state.gates
+    decoder_hooks = arch.decoder._forward_pre_hooks if arch.decoder is not None else None
+    pre_hooks = [_registered(h) for h in gates.hooks if h.hooks_dict_ref() is decoder_hooks]
+    gate_hooks = [
+        (block, _registered(h))
+        for block in arch.decoder_layers
+        for h in gates.hooks
+        if h.hooks_dict_ref() is block._forward_hooks
+    ]
+    ids = torch.randint(0, 1000, (batch, 8), generator=g)
+    out = model(input_ids=ids, use_cache=True)
+    # a real, non-empty cache, under the name this transformers version passes the decoder
+    name = "cache" if "cache" in out else "past_key_values"
+    kwargs = {name: out[name], "attention_mask": torch.ones(batch, 9, dtype=torch.long)}
+    h = torch.randn(batch, 1, arch.hidden_size, generator=g)  # [b, 1, hidden] residual
+    rows = []
+    for layer in sorted(state.hooks):
+        module = arch.w_out[layer]
+        q = torch.randn(batch, 1, arch.intermediate_size, generator=g)  # [b, 1, intermediate]
+        rows.append((module, _registered(state.hooks[layer]), q, module.forward(q)))
+
+    def pre() -> None:
+        for fn in pre_hooks:
+            fn(arch.decoder, (), kwargs)
+
+    def gates_step() -> None:  # pre-hook, then the gate hooks, as in a forward pass
+        pre()
+        for block, fn in gate_hooks:
+            fn(block, (h,), h)
+
+    hooks = len(pre_hooks) + len(gate_hooks) + len(rows)
+    plain = torch.nn.Identity()
+    hooked = torch.nn.Identity()
+    hooked.register_forward_hook(lambda mod, args, output: None)
+    ops = {
+        "pre_hook": pre,
+        "gates": gates_step,
+        "rows": lambda: [fn(m, (q,), base) for m, fn, q, base in rows],
+        "plain": lambda: [plain(h) for _ in range(hooks)],
+        "dispatch": lambda: [hooked(h) for _ in range(hooks)],
+    }
+    return ops, dict(pre_hooks=len(pre_hooks), gate_hooks=len(gate_hooks), row_hooks=len(rows))
+
+
+def gated_hook_breakdown(
+    model, sets: PatchSets, iters: int, repeats: int, log: Callable
+) -> dict[str, Any]:
+    """What gated patches' hooks add to one decode step (one new position per sequence).
+
+    The decoder pre-hook (new sequence or KV-cache step?), the gate hook on GATE_LAYER (every
+    gate's cosine and the causal "seen" state), and the gated fold of every hooked layer,
+    ``(q[..., idx] * open[..., col]) @ D``, plus nn.Module's dispatch of all those hooks.
+    Open and closed gates cost the same: the rows are computed and multiplied by 1 or 0.
+    """
+    arch = resolve(model)
+    out: dict[str, Any] = {}
+    for n in GATED_COUNTS:
+        set_config(model, sets, gated_name(n))
+        state = _state(model)
+        for b in BATCHES:
+            g = torch.Generator().manual_seed(0)
+            with torch.inference_mode():
+                ops, counts = _gated_hook_ops(model, arch, state, b, g)
+                t = _interleaved_min(ops, iters, repeats)
+            sizes = [len(f.neuron_indices) for f in state.gated.values()]
+            dispatch = t["dispatch"] - t["plain"]
+            row = dict(
+                patches=n,
+                batch=b,
+                gates=state.gates.count,
+                hooked_layers=len(state.gated),
+                gated_rows_per_layer_mean=statistics.mean(sizes),
+                **counts,
+                pre_hook_us=t["pre_hook"] * 1e6,
+                gate_hook_us=(t["gates"] - t["pre_hook"]) * 1e6,
+                rows_us=t["rows"] * 1e6,
+                hook_dispatch_us=dispatch * 1e6,
+                hook_total_us=(t["gates"] + t["rows"] + dispatch) * 1e6,
+                raw_us={k: v * 1e6 for k, v in t.items()},
+            )
+            out[f"{n}/{b}"] = row
+            log(
+                f"gated hook cost per decode step, {describe(gated_name(n))}, batch {b}: "
+                f"{row['hook_total_us']:.0f} us (decoder pre-hook {row['pre_hook_us']:.0f}, "
+                f"gate hook {row['gate_hook_us']:.0f}, gated folds {row['rows_us']:.0f} over "
+                f"{len(sizes)} layers, hook dispatch {row['hook_dispatch_us']:.0f})"
+            )
+    set_config(model, sets, UNPATCHED)
     return out
 
 
@@ -480,11 +731,16 @@ def _loadavg() -> str | None:
         return None
 
 
-def predicted_slowdown(results: dict[str, Any], count: int, batch: int) -> float:
-    """The slowdown % the microbenchmarked hook cost implies: hook time / unpatched step time."""
+def predicted_slowdown(results: dict[str, Any], config: str, batch: int) -> float:
+    """The slowdown % the microbenchmarked hook cost implies: hook time / unpatched step time.
+
+    ``config``: "1000" (ungated), "1000 gated" or GATED_OPEN (costs what "1 gated" does).
+    """
     tps = results["throughput"]["batches"][str(batch)][UNPATCHED]["tokens_per_s_median"]
     step_us = batch / tps * 1e6  # one decode step generates one token per sequence
-    return results["hook_breakdown"][f"{count}/{batch}"]["hook_total_us"] / step_us * 100
+    count = int(config.split()[0])
+    table = "gated_hook_breakdown" if "gated" in config else "hook_breakdown"
+    return results[table][f"{count}/{batch}"]["hook_total_us"] / step_us * 100
 
 
 def assess_targets(results: dict[str, Any]) -> dict[str, Any]:
@@ -492,9 +748,9 @@ def assess_targets(results: dict[str, Any]) -> dict[str, Any]:
     floor) and the slowdown the per-step hook microbenchmark predicts."""
     tp = results["throughput"]["batches"]
     checks = []
-    for count, limit in TARGETS.items():
+    for config, limit in targets().items():
         for b in BATCHES:
-            slow = tp[str(b)][str(count)]["slowdown_pct"]
+            slow = tp[str(b)][config]["slowdown_pct"]
             control = tp[str(b)][CONTROL]
             noise = max(  # how far two identical configurations land apart in this run
                 abs(control["slowdown_pct"]), (control["ratio_q75"] - control["ratio_q25"]) * 50
@@ -505,10 +761,12 @@ def assess_targets(results: dict[str, Any]) -> dict[str, Any]:
                 measured = "within noise"
             else:
                 measured = "NOT met"
-            predicted = predicted_slowdown(results, count, b)
+            predicted = predicted_slowdown(results, config, b)
             checks.append(
                 dict(
-                    patches=count,
+                    config=config,
+                    patches=int(config.split()[0]),
+                    gated="gated" in config,
                     batch=b,
                     limit_pct=limit,
                     measured_slowdown_pct=slow,
@@ -526,11 +784,11 @@ def assess_targets(results: dict[str, Any]) -> dict[str, Any]:
     return dict(checks=checks, measured=overall, predicted=predicted_overall)
 
 
-def _target_lines(targets: dict[str, Any]) -> list[str]:
+def _target_lines(checked: dict[str, Any]) -> list[str]:
     lines = []
-    for c in targets["checks"]:
+    for c in checked["checks"]:
         lines.append(
-            f"{c['patches']} patch{'es' if c['patches'] > 1 else ''}, batch {c['batch']}: "
+            f"{describe(c['config'])}, batch {c['batch']}: "
             f"measured {c['measured_slowdown_pct']:+.1f} % (A/A noise {c['noise_floor_pct']:.1f} "
             f"%): {c['measured']}; microbenchmark predicts {c['predicted_slowdown_pct']:+.1f} %: "
             f"{c['predicted']} (target <= {c['limit_pct']:g} %)"
@@ -555,7 +813,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Load average before/after: `{results['loadavg_start']}` / `{results['loadavg_end']}`.",
         "",
         f"Greedy generation of {tp['new_tokens']} new tokens per sequence; each patch has "
-        f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. "
+        f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. A gated patch "
+        f'(as method="local" makes one) has {NEURONS_PER_PATCH} random neurons in layers '
+        f"{GATE_LAYER + 1}..{PATCH_LAYERS - 1}, all guarded by one subject gate reading layer "
+        f'{GATE_LAYER} (threshold {GATE_THRESHOLD}, the generic-text centre method="local" '
+        "uses); `N gated` patches have random keys, so their gates stay closed on every prompt, "
+        f"and `{GATED_OPEN}`'s key is the residual of {OPEN_SUBJECT!r} in the first prompt, so "
+        "it opens there (on 1 of 8 sequences at batch 8). `gates open` = fraction of (sequence, "
+        "gate) pairs open at the end of generation. "
         f"{tp['repeats']} rounds (of {tp['repeats_requested']} requested), each running every "
         "configuration once in a random order. "
         "Ratio = median over rounds of tokens/s divided by the same round's unpatched "
@@ -564,27 +829,29 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         "## Generation throughput",
         "",
-        "| patches | batch | tokens/s (median) | ratio [IQR] | slowdown % |",
-        "|---|---|---|---|---|",
+        "| patches | batch | tokens/s (median) | ratio [IQR] | slowdown % | gates open |",
+        "|---|---|---|---|---|---|",
     ]
     for name in config_names():
         for b in BATCHES:
             row = tp["batches"][str(b)][name]
+            opened = row.get("gates_open")
             lines.append(
                 f"| {name} | {b} | {row['tokens_per_s_median']:.1f} | {row['ratio']:.3f} "
                 f"[{row['ratio_q25']:.3f}, {row['ratio_q75']:.3f}] | "
-                f"{row['slowdown_pct']:+.1f} |"
+                f"{row['slowdown_pct']:+.1f} | {'' if opened is None else f'{opened:.0%}'} |"
             )
-    targets = results["targets"]
+    checked = results["targets"]
+    goals = ", ".join(f"<= {limit:g} % with {describe(c)}" for c, limit in targets().items())
     lines += [
         "",
-        "**Targets: <= 2 % slowdown with 1 patch and <= 10 % with 1000 patches. "
-        f"End-to-end: {targets['measured']}; per the hook microbenchmark: "
-        f"{targets['predicted']}.** A measured slowdown above the target but within the "
+        f"**Targets: {goals}. "
+        f"End-to-end: {checked['measured']}; per the hook microbenchmark: "
+        f"{checked['predicted']}.** A measured slowdown above the target but within the "
         "A/A noise floor (the larger of the A/A median slowdown and half its IQR) counts as "
         "'within noise'.",
         "",
-        *(f"- {line}" for line in _target_lines(targets)),
+        *(f"- {line}" for line in _target_lines(checked)),
         "",
         "## Apply / remove",
         "",
@@ -594,10 +861,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "| remove that one (ms) |",
         "|---|---|---|---|---|",
     ]
-    for n in PATCH_COUNTS:
-        bulk, nth = ar["bulk"][str(n)], ar["nth"][str(n)]
+    for name, bulk in ar["bulk"].items():
+        nth = ar["nth"][name]
         lines.append(
-            f"| {n} | {statistics.median(bulk['apply_s']) * 1e3:.1f} | "
+            f"| {name} | {statistics.median(bulk['apply_s']) * 1e3:.1f} | "
             f"{statistics.median(bulk['remove_s']) * 1e3:.1f} | "
             f"{statistics.median(nth['apply_s']) * 1e3:.1f} | "
             f"{statistics.median(nth['remove_s']) * 1e3:.1f} |"
@@ -614,6 +881,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"deltas: {size['overhead_bytes']} bytes ({br['json_header']} JSON header, "
         f"{br['neuron_indices']} neuron indices, {br['base_fingerprint']} base fingerprint, "
         f"{br['length_prefix']} length prefix).",
+        "",
+        _gated_size_line(results["file_size_gated"]),
         "",
         "## Hook cost per decode step (microbenchmark)",
         "",
@@ -635,16 +904,53 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"{row['add_us']:.0f} | {row['closure_python_us']:.0f} | "
             f"{row['hook_dispatch_us']:.0f} |"
         )
+    lines += [
+        "",
+        "Gated patches' hooks per decode step: the decoder pre-hook (does this forward start a "
+        "new sequence?), the gate hook on the gate layer (all gates' cosines and the causal "
+        "'seen' state) and the gated fold of every hooked layer, "
+        "`(q[..., idx] * open[..., col]) @ D`, which costs the same with gates open or closed. "
+        "`ungated us` is the hook total of as many ungated patches, for comparison.",
+        "",
+        "| gated patches | batch | gates | layers | rows/layer | pre-hook us | gate hook us "
+        "| gated folds us | hook dispatch us | hook total us | ungated us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in results["gated_hook_breakdown"].items():
+        lines.append(
+            f"| {row['patches']} | {row['batch']} | {row['gates']} | {row['hooked_layers']} | "
+            f"{row['gated_rows_per_layer_mean']:.0f} | {row['pre_hook_us']:.0f} | "
+            f"{row['gate_hook_us']:.0f} | {row['rows_us']:.0f} | "
+            f"{row['hook_dispatch_us']:.0f} | {row['hook_total_us']:.0f} | "
+            f"{hooks[key]['hook_total_us']:.0f} |"
+        )
     for b in BATCHES:
         tps = tp["batches"][str(b)][UNPATCHED]["tokens_per_s_median"]
         lines.append("")
         lines.append(
             f"Batch {b}: an unpatched decode step takes ~{b / tps * 1e3:.1f} ms, so the measured "
             "hook cost predicts a slowdown of "
-            + ", ".join(f"{predicted_slowdown(results, n, b):.1f} % with {n}" for n in PATCH_COUNTS)
-            + " patches."
+            + ", ".join(
+                f"{predicted_slowdown(results, str(n), b):.1f} % with {n}" for n in PATCH_COUNTS
+            )
+            + " patches; "
+            + ", ".join(
+                f"{predicted_slowdown(results, gated_name(n), b):.1f} % with {n}"
+                for n in GATED_COUNTS
+            )
+            + " gated patches."
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _gated_size_line(size: dict[str, Any]) -> str:
+    br = size["overhead_breakdown"]
+    return (
+        f"A gated {size['neurons']}-neuron patch ({size['layers']} layers, one gate): "
+        f"{size['file_bytes']} bytes = **{size['bytes_per_neuron']:.0f} bytes per neuron**; "
+        f"the gate adds {br['gate_keys_and_centres']} bytes of key and centre and "
+        f"{br['gate_ids']} bytes of gate_ids (JSON header {br['json_header']} bytes)."
+    )
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -654,7 +960,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tp = results["throughput"]["batches"]
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fig, ax = plt.subplots(figsize=(7, 5.8))
     for b, color in zip(BATCHES, ("tab:blue", "tab:orange"), strict=False):
         rows = [tp[str(b)][str(n)] for n in PATCH_COUNTS]
         slow = [r["slowdown_pct"] for r in rows]
@@ -669,10 +975,16 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             color=color,
             label=f"batch {b} (bars: IQR over rounds)",
         )
-        predicted = [predicted_slowdown(results, n, b) for n in PATCH_COUNTS]
+        predicted = [predicted_slowdown(results, str(n), b) for n in PATCH_COUNTS]
         ax.plot(PATCH_COUNTS, predicted, color=color, ls="-.", lw=1, marker=".")
         merged = tp[str(b)]["1000 merged"]["slowdown_pct"]
         ax.plot([max(PATCH_COUNTS)], [merged], marker="x", ms=9, ls="none", color=color)
+        gated = [tp[str(b)][gated_name(n)]["slowdown_pct"] for n in GATED_COUNTS]
+        ax.plot(GATED_COUNTS, gated, color=color, ls="--", lw=1, marker="s", ms=4)
+        predicted = [predicted_slowdown(results, gated_name(n), b) for n in GATED_COUNTS]
+        ax.plot(GATED_COUNTS, predicted, color=color, ls=(0, (1, 3)), lw=1, marker=".")
+        opened = tp[str(b)][GATED_OPEN]["slowdown_pct"]
+        ax.plot([1], [opened], marker="^", ms=7, ls="none", color=color)
         noise = tp[str(b)][CONTROL]["slowdown_pct"]
         ax.axhline(noise, color=color, lw=0.8, alpha=0.5, ls=":")
     ax.plot([], [], color="grey", ls=":", lw=0.8, label="A/A noise floor (per batch)")
@@ -680,14 +992,28 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     ax.plot(
         [], [], color="grey", ls="-.", lw=1, marker=".", label="predicted by hook microbenchmark"
     )
+    ax.plot([], [], color="grey", ls="--", lw=1, marker="s", ms=4, label="gated (gates closed)")
+    ax.plot([], [], color="grey", ls=(0, (1, 3)), lw=1, marker=".", label="gated, predicted")
+    ax.plot([], [], color="grey", marker="^", ls="none", label=f"{GATED_OPEN}")
     for count, limit in TARGETS.items():
         ax.axhline(limit, color="red" if count == 1 else "darkred", ls="--", lw=1)
         ax.annotate(
-            f"target: <= {limit:g} % at {count} patch{'es' if count > 1 else ''}",
+            f"target: <= {limit:g} % at {describe(str(count))}",
             (count, limit),
             textcoords="offset points",
             xytext=(0, 3),
             ha="left" if count == min(TARGETS) else "right",
+            fontsize=8,
+            color="darkred",
+        )
+    for count, limit in GATED_TARGETS.items():  # labelled mid-plot, clear of the ones above
+        ax.axhline(limit, color="red" if count == 1 else "darkred", ls=":", lw=1)
+        ax.annotate(
+            f"target: <= {limit:g} % at {describe(gated_name(count))}",
+            (30, limit),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
             fontsize=8,
             color="darkred",
         )
@@ -721,8 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=480.0,
-        help="stop the throughput rounds after this many seconds, once 3 are done (default 480)",
+        default=720.0,
+        help="stop the throughput rounds after this many seconds, once 3 are done (default 720)",
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -742,8 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
         f"loaded {MODEL}: {arch.model_type}, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, intermediate {arch.intermediate_size}"
     )
-    patches = make_patches(arch, max(PATCH_COUNTS), model.config.name_or_path)
-    log(f"built {len(patches)} patches of {NEURONS_PER_PATCH} neurons")
+    sets = make_patch_sets(model, tokenizer, arch)
+    log(
+        f"built {len(sets.ungated)} patches and {len(sets.gated) + 1} gated patches of "
+        f"{NEURONS_PER_PATCH} neurons"
+    )
 
     results: dict[str, Any] = dict(
         model=MODEL,
@@ -757,17 +1086,26 @@ def main(argv: list[str] | None = None) -> int:
             patch_layers=f"0..{PATCH_LAYERS - 1}",
             delta_scale=DELTA_SCALE,
             prompts=PROMPTS,
-            targets_max_slowdown_pct={str(k): v for k, v in TARGETS.items()},
+            targets_max_slowdown_pct=targets(),
+            gated_counts=list(GATED_COUNTS),
+            gate_layer=GATE_LAYER,
+            gate_threshold=GATE_THRESHOLD,
+            gated_patch_layers=f"{GATE_LAYER + 1}..{PATCH_LAYERS - 1}",
+            open_gate_subject=OPEN_SUBJECT,
         ),
     )
-    results["file_size"] = file_size(patches[0], arch)
-    log(f"patch file: {results['file_size']['bytes_per_neuron']:.0f} bytes per neuron")
-    results["apply_remove"] = apply_remove(model, patches, 2 if quick else 5, log)
-    results["hook_breakdown"] = hook_breakdown(
-        model, patches, 10 if quick else 50, 3 if quick else 7, log
+    results["file_size"] = file_size(sets.ungated[0], arch)
+    results["file_size_gated"] = file_size(sets.gated[0], arch)
+    log(
+        f"patch file: {results['file_size']['bytes_per_neuron']:.0f} bytes per neuron, gated "
+        f"{results['file_size_gated']['bytes_per_neuron']:.0f}"
     )
+    results["apply_remove"] = apply_remove(model, sets, 2 if quick else 5, log)
+    iters, loops = (10, 3) if quick else (50, 7)
+    results["hook_breakdown"] = hook_breakdown(model, sets, iters, loops, log)
+    results["gated_hook_breakdown"] = gated_hook_breakdown(model, sets, iters, loops, log)
     results["throughput"] = throughput(
-        model, tokenizer, patches, repeats, new_tokens, 1, args.budget_s, log
+        model, tokenizer, sets, repeats, new_tokens, 1, args.budget_s, log
     )
     results["loadavg_end"] = _loadavg()
     results["wall_s"] = time.perf_counter() - t0
