@@ -195,8 +195,10 @@ def evaluate_record(
     finally:
         model.train(was_training)
 
-    neurons = patch.extra.get("neurons") or [
-        {"layer": layer} for layer, ld in patch.layers.items() for _ in ld.neuron_indices
+    neurons = [
+        (int(layer), int(index))
+        for layer, ld in patch.layers.items()
+        for index in ld.neuron_indices.tolist()
     ]
     result = {
         "pre": pre,
@@ -208,7 +210,8 @@ def evaluate_record(
         "num_neurons": len(neurons),
         "num_params": patch.num_params,
         "patch_bytes": len(patch.to_bytes()),
-        "layers": sorted(int(n["layer"]) for n in neurons),
+        "layers": sorted(layer for layer, _ in neurons),
+        "neurons": sorted(neurons),  # (layer, index) of every edited row
         "warnings": [str(w.message) for w in caught],
     }
     if texts:

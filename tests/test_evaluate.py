@@ -211,6 +211,9 @@ def test_evaluate_writes_every_output(tiny, records, tmp_path):
     assert first["steps"] <= 3 and first["num_params"] == first["num_neurons"] * 32
     assert first["patch_bytes"] > first["num_params"] * 4
     assert all(0 <= layer < 2 for layer in first["layers"])  # the last layer is frozen
+    # every edited row, as (layer, index), matching the layer list and the neuron count
+    assert len(first["neurons"]) == first["num_neurons"]
+    assert sorted(layer for layer, _ in first["neurons"]) == first["layers"]
     assert set(first["texts"]) == {"pre", "post"}
     assert "| Edit Succ |" in (out / "summary.md").read_text()
 
