@@ -38,11 +38,13 @@ VARIANTS = {
     "local: negatives, no gate": ("local", {"gate": False, "negatives_weight": 1.0}),
     "local: gate + specific neurons": ("local", {"specific_neurons": True}),
     "local: gate + negatives x10": ("local", {"negatives_weight": 10.0}),
+    "local: gate + negatives x30": ("local", {"negatives_weight": 30.0}),
     "local: gate + specific neurons + negatives": (
         "local",
         {"specific_neurons": True, "negatives_weight": 1.0},
     ),
     "KNE": ("kne", {}),
+    "KNE, lr 1e-2": ("kne", {"lr": 0.01}),
 }
 MODELS = ("smollm2-135m", "gemma3-270m")
 COLUMNS = [
