@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--only", help="substring filter on 'model dataset row'")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(VARIANTS), metavar="ROW", help="these rows exactly"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--no-fluency", action="store_true")
     parser.add_argument("--collate-only", action="store_true")
@@ -172,7 +175,7 @@ def main() -> None:
         for m in MODELS
         for d in DATA
         for v in VARIANTS
-        if not args.only or args.only in f"{m} {d} {v}"
+        if (not args.only or args.only in f"{m} {d} {v}") and (not args.rows or v in args.rows)
     ]
     if not args.collate_only:
         run(rows, args.data_dir, args.n, args.work, not args.no_fluency)
