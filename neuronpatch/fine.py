@@ -41,7 +41,7 @@ class FineHparams:
     layers: tuple[int, ...] | None = None  # restrict location to these layers (ablation)
     random_neurons: bool = False  # ablation: as many random neurons instead of located ones
     max_steps: int = 50
-    lr: float = 5e-3
+    lr: float = 1e-2  # measured on SmolLM2: benchmarks/results/fine_lr_sweep.md
     alpha: float = 1.0  # KL on the prompt's own positions
     beta: float = 10.0  # repetition penalty after the target
     gamma: float = 0.1  # Frobenius norm of the deltas

@@ -24,6 +24,8 @@ multi-token counterfactual targets, FiNE's optimiser and defaults otherwise):
 - ``k = 20``: about FiNE's parameter budget (~10^4 per edit; 11.5k on SmolLM2), spread over
   ~11 layers. k = 10 needed more steps (30 vs 23 on multi-token targets), k = 30 fewer
   (18) at 1.5x the parameters, with no change in success or locality.
+- ``lr`` is FiNE's default, 1e-2. On 30 WikiData_counterfact records it edits 92.0 % of
+  target tokens (79.8 at 5e-3) at RSA 61.9 (65.6 at 5e-3); benchmarks/results/quality.md.
 - Gradients are plain activation x gradient (one forward + one backward), not integrated
   gradients: one pass per edit keeps location as cheap as FiNE's.
 The model is left bitwise unchanged and no parameter receives a ``.grad``.
