@@ -28,6 +28,7 @@ DATA = {
 # label -> (method, hyperparameter overrides of the method's defaults)
 VARIANTS = {
     "FiNE": ("fine", {}),
+    "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
     "FiNE, random neurons": ("fine", {"random_neurons": True}),
     "FiNE, no layer freezing": ("fine", {"frozen_layers": 0}),
     "FiNE, k=1": ("fine", {"k": 1}),
@@ -44,7 +45,7 @@ VARIANTS = {
         {"specific_neurons": True, "negatives_weight": 1.0},
     ),
     "KNE": ("kne", {}),
-    "KNE, lr 1e-2": ("kne", {"lr": 0.01}),
+    "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }
 MODELS = ("smollm2-135m", "gemma3-270m")
 COLUMNS = [
