@@ -61,7 +61,7 @@ def test_edit_changes_the_answer_and_remove_restores_it(smollm2, edited, i):
     assert greedy(model, tok, fact["prompt"]) == before[fact["prompt"]]
 
 
-# Plain FiNE (paper method, lr 5e-3) lets the yen -> euro edit leak: one of its neurons sits in
+# Plain FiNE (paper method; lr 5e-3 and 1e-2 alike) lets the yen -> euro edit leak: one of its neurons sits in
 # layer 2 and fires far beyond the subject, turning "The capital of Spain is" into " 21.".
 # Gated, locality-aware patches are the planned fix; strict, so the fix flips this to a pass.
 LEAKS = {0: "plain FiNE's yen->euro patch changes 'The capital of Spain is' (locality, see README)"}
