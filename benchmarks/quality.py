@@ -40,6 +40,7 @@ VARIANTS = {
     "local: gate + specific neurons": ("local", {"specific_neurons": True}),
     "local: gate + negatives x10": ("local", {"negatives_weight": 10.0}),
     "local: gate + negatives x30": ("local", {"negatives_weight": 30.0}),
+    "local: gate + negatives x100": ("local", {"negatives_weight": 100.0}),
     "local: gate + specific neurons + negatives": (
         "local",
         {"specific_neurons": True, "negatives_weight": 1.0},
