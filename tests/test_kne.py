@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import MODEL_TYPES, build_tiny
 from test_fine import TINY_REQUEST, TinyTokenizer
+from test_fine_real import FACTS as FINE_FACTS
+from test_fine_real import UNRELATED, greedy
 
 import neuronpatch
 from neuronpatch import fine, kne
@@ -188,34 +190,8 @@ def test_locate_dispatches_by_method():
 
 # --- the real embedded model --------------------------------------------------------------
 
-# Facts SmolLM2-135M knows (Au, Jupiter, French), edited to counterfactual targets.
-FACTS = [
-    {"prompt": "The chemical symbol for gold is", "subject": "gold", "target_new": "Ag"},
-    {
-        "prompt": "The largest planet in the solar system is",
-        "subject": "solar system",
-        "target_new": "Saturn",
-    },
-    {
-        "prompt": "The mother tongue of Danielle Darrieux is",
-        "subject": "Danielle Darrieux",
-        "target_new": "English",
-    },
-]
-UNRELATED = [
-    "The Eiffel Tower is located in the city of",
-    "Mount Everest is located in",
-    "The capital of Spain is",
-]
-
-
-def greedy(model, tokenizer, prompt, n=4):
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+# The facts test_fine_real edits, but the yen -> euro one, which leaks with either method.
+FACTS = FINE_FACTS[1:]
 
 
 def prompt_logits(model, tokenizer, prompt):
