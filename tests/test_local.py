@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny
 from test_fine import TinyTokenizer
+from test_fine_real import greedy
 
 import neuronpatch
 from neuronpatch.errors import InvalidHparamsError
@@ -149,15 +150,6 @@ UNRELATED = [
     "Mount Everest is located in",
     "The capital of Spain is",
 ]
-
-
-def greedy(model, tok, prompt: str, n: int = 4) -> str:
-    inputs = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
-        )
-    return tok.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def target_prob(model, tok, prompt: str, target: str) -> float:
