@@ -45,6 +45,9 @@ VARIANTS = {
         "local",
         {"specific_neurons": True, "negatives_weight": 1.0},
     ),
+    "local: query gate": ("local", {"gate_key": "query"}),
+    "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01}),
+    "local: subject + query gate, lr 1e-2": ("local", {"gate_key": "both", "lr": 0.01}),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

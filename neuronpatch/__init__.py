@@ -7,6 +7,7 @@ from .editor import edit, locate
 from .errors import NeuronpatchError
 from .fine import FineHparams, NeuronScore
 from .kne import KneHparams
+from .local import LocalHparams
 from .models import load_model
 from .patch import BaseModelInfo, LayerDelta, Patch
 from .request import EditRequest
@@ -19,6 +20,7 @@ __all__ = [
     "FineHparams",
     "KneHparams",
     "LayerDelta",
+    "LocalHparams",
     "NeuronScore",
     "NeuronpatchError",
     "Patch",

@@ -150,6 +150,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"  gate {g}   {gate.kind}: open from the first position whose residual after layer "
             f"{gate.layer} has cosine > {gate.threshold} with the key"
+            + ("" if gate.requires is None else f", where gate {gate.requires} is open too")
         )
     if patch.metrics:
         print(f"  metrics  {json.dumps(patch.metrics)}")

@@ -326,7 +326,7 @@ def run_edit(
     ``layers`` overrides where neurons may be located; ``gate(ids [B, S], mask) -> [B, S]``
     gives where the patch will be open (its rows are multiplied by it during optimisation);
     ``negatives(request)`` adds a KL term keeping other sequences' distributions; ``gates``
-    are stored in the patch, guarding every row. ``locator(model, tokenizer, request, hp,
+    are stored in the patch, the last one guarding every row. ``locator(model, tokenizer, request, hp,
     layers) -> [NeuronScore]`` replaces FiNE's contribution-score location (another method's
     neuron choice, same optimisation).
     """
@@ -382,7 +382,8 @@ def run_edit(
             )
         patch_layers = {
             layer: (index_tensors[layer].cpu(), deltas[layer].detach().cpu())
-            + ((torch.zeros(len(groups[layer]), dtype=torch.int64),) if gates else ())
+            # every row guarded by the last gate (which may require the earlier ones)
+            + ((torch.full((len(groups[layer]),), len(gates) - 1),) if gates else ())
             for layer in groups
         }
     return Patch(

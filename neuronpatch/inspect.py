@@ -62,6 +62,8 @@ def describe(
         "file_bytes": size if size is not None else len(patch.to_bytes()),
         "neurons": neurons,
         "gates": [
-            {"kind": g.kind, "layer": g.layer, "threshold": g.threshold} for g in patch.gates
+            {"kind": g.kind, "layer": g.layer, "threshold": g.threshold}
+            | ({} if g.requires is None else {"requires": g.requires})
+            for g in patch.gates
         ],
     }

@@ -4,10 +4,28 @@ Plain FiNE adds its deltas at every position of every input, so any input that d
 edited neurons carries the edit along. ``method="local"`` changes three things, each
 switchable in ``LocalHparams`` so its effect can be measured:
 
-1. **Subject gate** (``gate``): the patch stores a ``Gate`` keyed on the residual stream
-   of the subject's last token at layer ``gate_layer`` (centred on generic text). At run
-   time its rows are added only from the first position whose residual matches the key
-   (cosine > ``gate_threshold``) on, so inputs that never mention the subject are untouched.
+1. **Gate** (``gate``): the patch stores a ``Gate`` keyed on the residual stream at layer
+   ``gate_layer`` (centred on generic text). At run time its rows are added only from the
+   first position whose residual matches the key (cosine > ``gate_threshold``) on. Two keys
+   (``gate_key``):
+
+   - ``"subject"``: the subject's last token at layer 1 (threshold 0.75). Inputs that never
+     name the subject are untouched, but every prompt about the subject opens it, whatever
+     the relation, and a differently spelled alias does not.
+   - ``"query"``: the prompt's last token at the middle layer (threshold 0.9). By then the
+     residual there encodes subject *and* relation, so the gate opens on the edited question
+     (and on the subject's aliases, which the model already maps together) and stays shut on
+     other relations of the subject and on the relation asked of other subjects. Measured on
+     60 records per dataset (smollm2-135m, ``benchmarks/gate_separability.py``): shut on 88 %
+     of relation-specificity prompts, 89 % of forgetfulness prompts and 87 % of CounterFact
+     neighbourhood prompts; open on 92 % of subject-alias prompts, but on only 2 % of
+     CounterFact paraphrases, whose wording differs from the prompt. Short prompts of the
+     same relation about other subjects ("The currency of China is the" for an edit of
+     Japan's) can still match: the relation dominates their last token.
+   - ``"both"``: a query gate that also requires a subject gate (threshold
+     ``subject_threshold``) to be open: the conjunction shuts other relations of the subject
+     *and* the relation asked of other subjects, at the price of aliases the subject gate
+     does not recognise.
 2. **Neurons above the gate**: a gate must be known before the rows it guards run, so
    neurons are located in layers ``gate_layer + 1 .. L - frozen_layers - 1`` only.
 3. **Locality term** (``negatives_weight``): KL(unedited || edited) on the same subject in
@@ -23,7 +41,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +86,8 @@ NEGATIVE_TEMPLATES = (
     "The name of the father of {subject} is",
 )
 
+GATE_KEYS = ("subject", "query", "both")
+SUBJECT_GATE_LAYER = 1  # where a subject key is read (gate_key="subject" default, "both")
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
 
 
@@ -77,25 +97,45 @@ class LocalHparams(FineHparams):
 
     lr: float = 5e-3  # the gated variants were measured at 5e-3 (README table)
     gate: bool = True
-    gate_layer: int = 1  # the gate reads the residual stream this decoder layer outputs
-    gate_threshold: float = 0.75  # cosine with the centred subject key
+    gate_key: str = "subject"  # "subject", "query" or "both" (see the module docstring)
+    # the gate reads the residual stream this decoder layer outputs (None: 1 for a subject key,
+    # the middle layer for a query key)
+    gate_layer: int | None = None
+    gate_threshold: float | None = None  # cosine with the centred key (None: 0.75 / 0.9)
+    subject_threshold: float = 0.75  # gate_key="both": the subject gate's threshold (layer 1)
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not -1.0 < self.gate_threshold < 1.0:
+        if self.gate_key not in GATE_KEYS:
             raise InvalidHparamsError(
-                f"gate_threshold must lie strictly between -1 and 1, got {self.gate_threshold}"
+                f"gate_key must be one of {', '.join(map(repr, GATE_KEYS))}, got {self.gate_key!r}"
             )
-        if self.gate_layer < 0:
+        for name in ("gate_threshold", "subject_threshold"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 < value < 1.0:
+                raise InvalidHparamsError(f"{name} must lie strictly between -1 and 1, got {value}")
+        if self.gate_layer is not None and self.gate_layer < 0:
             raise InvalidHparamsError(f"gate_layer must be >= 0, got {self.gate_layer}")
         if self.negatives_weight < 0:
             raise InvalidHparamsError(f"negatives_weight must be >= 0, got {self.negatives_weight}")
         object.__setattr__(self, "negative_templates", tuple(self.negative_templates))
         if any("{subject}" not in t for t in self.negative_templates):
             raise InvalidHparamsError("every negative template must contain '{subject}'")
+
+    def threshold(self) -> float:
+        """The gate's cosine threshold (``gate_threshold``, or the key's default)."""
+        if self.gate_threshold is not None:
+            return self.gate_threshold
+        return 0.75 if self.gate_key == "subject" else 0.9
+
+    def layer_of_gate(self, num_layers: int) -> int:
+        """The layer the gate reads (``gate_layer``, or the key's default for this depth)."""
+        if self.gate_layer is not None:
+            return self.gate_layer
+        return SUBJECT_GATE_LAYER if self.gate_key == "subject" else num_layers // 2
 
 
 @torch.no_grad()
@@ -138,22 +178,47 @@ def subject_end(tokenizer, prompt: str, subject: str) -> int:
     return len(tokenizer(prompt[:end]).input_ids) - 1
 
 
-def make_gate(model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams) -> Gate:
-    """The subject gate for ``request``: key = centred residual of the subject's last token."""
+def _key_gate(
+    model: nn.Module, tokenizer, request: EditRequest, kind: str, layer: int, threshold: float
+) -> Gate:
+    """Key = centred residual at ``layer`` of the subject's last token (``kind="subject"``)
+    or of the prompt's last token (``"query"``)."""
     ids = torch.tensor([tokenizer(request.prompt).input_ids], device=device_of(model))
-    centre = generic_centre(model, tokenizer, hp.gate_layer)  # [hidden]
-    h = _residual(model, ids, hp.gate_layer)[0]  # [S, hidden]
-    key = h[subject_end(tokenizer, request.prompt, request.subject)] - centre  # [hidden]
-    return Gate(hp.gate_layer, key, centre, hp.gate_threshold)
+    centre = generic_centre(model, tokenizer, layer)  # [hidden]
+    h = _residual(model, ids, layer)[0]  # [S, hidden]
+    if kind == "subject":
+        position = subject_end(tokenizer, request.prompt, request.subject)
+    else:
+        position = h.shape[0] - 1
+    return Gate(layer, h[position] - centre, centre, threshold, kind=kind)
 
 
-def _gate_fn(model: nn.Module, gate: Gate) -> Callable:
-    bank = GateBank([gate], device_of(model))
+def make_gates(
+    model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams
+) -> tuple[Gate, ...]:
+    """The patch's gates for ``request``; the last one guards every row."""
+    layer = hp.layer_of_gate(resolve(model).num_layers)
+    if hp.gate_key != "both":
+        return (_key_gate(model, tokenizer, request, hp.gate_key, layer, hp.threshold()),)
+    subject = _key_gate(
+        model, tokenizer, request, "subject", SUBJECT_GATE_LAYER, hp.subject_threshold
+    )
+    query = _key_gate(model, tokenizer, request, "query", layer, hp.threshold())
+    return subject, replace(query, requires=0)
+
+
+def _gate_fn(model: nn.Module, gates: tuple[Gate, ...]) -> Callable:
+    """Where the last of ``gates`` is open (with the gates it requires), as the runtime does."""
+    banks = [GateBank([gate], device_of(model)) for gate in gates]
 
     def open_positions(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
-        h = _residual(model, input_ids, gate.layer, attention_mask)  # [B, S, hidden]
         valid = attention_mask.bool() if attention_mask is not None else None
-        return bank.open(h, valid)[..., 0]  # [B, S]
+        opened: list[torch.Tensor] = []
+        for gate, bank in zip(gates, banks, strict=True):
+            h = _residual(model, input_ids, gate.layer, attention_mask)  # [B, S, hidden]
+            now = bank.open(h, valid)[..., 0]  # [B, S]
+            opened.append(now if gate.requires is None else now & opened[gate.requires])
+        return opened[-1]
 
     return open_positions
 
@@ -238,14 +303,24 @@ def edit_local(
     request = EditRequest.coerce(request)
     arch: ModelArch = resolve(model)
     top = arch.num_layers - hp.frozen_layers
-    lowest = hp.gate_layer + 1 if hp.gate else 0
+    gate_layer = hp.layer_of_gate(arch.num_layers)
+    if hp.gate and gate_layer >= arch.num_layers:
+        raise InvalidHparamsError(
+            f"gate_layer={gate_layer} is out of range for a model of {arch.num_layers} layers"
+        )
+    lowest = gate_layer + 1 if hp.gate else 0
     if lowest >= top:
         raise InvalidHparamsError(
-            f"gate_layer={hp.gate_layer} leaves no layer to edit below the frozen last "
+            f"gate_layer={gate_layer} leaves no layer to edit below the frozen last "
             f"{hp.frozen_layers} of {arch.num_layers}; use a lower gate_layer"
         )
     layers = [layer for layer in (hp.layers or range(top)) if layer >= lowest]
-    gate = make_gate(model, tokenizer, request, hp) if hp.gate else None
+    if hp.gate and hp.gate_key == "both" and gate_layer <= SUBJECT_GATE_LAYER:
+        raise InvalidHparamsError(
+            f"gate_key='both' reads its subject key at layer {SUBJECT_GATE_LAYER}, so its query "
+            f"gate must read a higher layer; got gate_layer={gate_layer}"
+        )
+    gates = make_gates(model, tokenizer, request, hp) if hp.gate else ()
     return run_edit(
         model,
         tokenizer,
@@ -254,8 +329,8 @@ def edit_local(
         progress,
         method="local",
         layers=layers,
-        gate=_gate_fn(model, gate) if gate is not None else None,
+        gate=_gate_fn(model, gates) if gates else None,
         negatives=_negatives_fn(model, tokenizer, hp),
-        gates=(gate,) if gate is not None else (),
+        gates=gates,
         locator=locate_specific if hp.specific_neurons else None,
     )

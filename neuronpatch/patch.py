@@ -36,7 +36,7 @@ from .errors import (
 FORMAT_NAME = "neuronpatch"
 FORMAT_VERSION = 2  # written only by gated patches; ungated ones are still version 1
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
-GATE_KINDS = ("subject",)
+GATE_KINDS = ("subject", "query")  # same run-time semantics; the key's origin differs
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -76,9 +76,11 @@ class LayerDelta:
 class Gate:
     """Decides per position whether the rows it guards are added (``patches/FORMAT.md``, v2).
 
-    Kind ``"subject"``: read the residual stream ``h`` output by decoder layer ``layer``; a
-    position *matches* when ``cos(h - centre, key) > threshold``; the gate is open at every
-    position from the first match of the sequence on (and through later KV-cache steps).
+    Kinds ``"subject"`` (key: the subject's last token) and ``"query"`` (key: the prompt's
+    last token) behave alike: read the residual stream ``h`` output by decoder layer
+    ``layer``; a position *matches* when ``cos(h - centre, key) > threshold``; the gate is open
+    at every position from the first match of the sequence on (and through later KV-cache
+    steps). With ``requires`` = r it is open only where gate r of the same patch is open too.
     """
 
     layer: int
@@ -86,6 +88,8 @@ class Gate:
     centre: torch.Tensor  # float32 [hidden]
     threshold: float
     kind: str = "subject"
+    # index of an earlier gate of the same patch that must be open too (a conjunction)
+    requires: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("key", "centre"):
@@ -96,7 +100,8 @@ class Gate:
 
     def equals(self, other: Gate) -> bool:
         return (
-            (self.kind, self.layer, self.threshold) == (other.kind, other.layer, other.threshold)
+            (self.kind, self.layer, self.threshold, self.requires)
+            == (other.kind, other.layer, other.threshold, other.requires)
             and torch.equal(self.key, other.key)
             and torch.equal(self.centre, other.centre)
         )
@@ -231,9 +236,7 @@ class Patch:
             "library_version": self.library_version,
         }
         if self.gates:
-            metadata["gates"] = _dumps(
-                [{"kind": g.kind, "layer": g.layer, "threshold": g.threshold} for g in self.gates]
-            )
+            metadata["gates"] = _dumps([_gate_spec(g) for g in self.gates])
         return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -419,6 +422,7 @@ def _validate(patch: Patch) -> None:
     base, where = patch.base, patch.source or "patch"
     for g, gate in enumerate(patch.gates):
         _validate_gate(g, gate, base, where)
+        _validate_requires(g, gate, patch.gates, where)
     for layer, ld in patch.layers.items():
         idx, deltas = ld.neuron_indices, ld.deltas
         if not 0 <= layer < base.num_layers:
@@ -506,6 +510,22 @@ def _validate_gate(g: int, gate: Gate, base: BaseModelInfo, where: str) -> None:
         )
 
 
+def _validate_requires(g: int, gate: Gate, gates: tuple[Gate, ...], where: str) -> None:
+    r = gate.requires
+    if r is None:
+        return
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < g:
+        raise GateError(
+            f"{where}: gate {g} requires gate {r}; it must name an earlier gate of the same "
+            f"patch (0..{g - 1})"
+        )
+    if gates[r].layer >= gate.layer:
+        raise GateError(
+            f"{where}: gate {g} (layer {gate.layer}) requires gate {r}, which reads layer "
+            f"{gates[r].layer}; the required gate must read a lower layer, to be known first"
+        )
+
+
 def _validate_gate_ids(
     patch: Patch, layer: int, idx: torch.Tensor, gate_ids: torch.Tensor, where: str
 ) -> None:
@@ -549,11 +569,21 @@ def _read_gates(
         kind, layer, threshold = spec.get("kind"), spec.get("layer"), spec.get("threshold")
         if not isinstance(kind, str):
             raise CorruptPatchError(f"{source}: gate {g} kind must be a string")
-        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind))
+        requires = spec.get("requires")
+        if "requires" in spec and (isinstance(requires, bool) or not isinstance(requires, int)):
+            raise CorruptPatchError(f"{source}: gate {g} requires must be a gate index")
+        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires))
     return tuple(gates)
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _gate_spec(gate: Gate) -> dict[str, Any]:
+    spec = {"kind": gate.kind, "layer": gate.layer, "threshold": gate.threshold}
+    if gate.requires is not None:  # absent, not null: gates without it keep their old bytes
+        spec["requires"] = gate.requires
+    return spec
 
 
 def _content_hash(patch: Patch) -> str:
@@ -567,6 +597,8 @@ def _content_hash(patch: Patch) -> str:
             h.update(b"|gate_ids|" + ld.gate_ids.numpy().tobytes())
     for gate in patch.gates:  # ungated patches hash exactly as before gates existed
         h.update(f"|gate|{gate.kind}|{gate.layer}|{gate.threshold!r}|".encode())
+        if gate.requires is not None:
+            h.update(f"requires|{gate.requires}|".encode())
         h.update(gate.key.numpy().tobytes() + gate.centre.numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -67,6 +67,8 @@ class _GateState:
 
     banks: dict[int, tuple[GateBank, slice]]  # gate layer -> (its gates, their columns)
     count: int
+    # gate layer -> (columns, required columns): gates open only where a lower gate is open
+    requires: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
     step: dict | None = None  # set by the decoder pre-hook for the forward pass under way
     open: torch.Tensor | None = None  # bool [B, T, count] for the forward pass under way
@@ -408,6 +410,19 @@ def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
         for layer, entries in by_layer.items()
     }
     gates = _GateState(banks, len(columns))
+    for layer in banks:
+        pairs = [
+            (col, columns[(position, gate.requires)])
+            for (position, g), col in columns.items()
+            if (gate := state.patches[position].gates[g]).layer == layer
+            and gate.requires is not None
+        ]
+        if pairs:
+            cols, required = zip(*sorted(pairs), strict=True)
+            gates.requires[layer] = (
+                torch.tensor(cols, device=device),
+                torch.tensor(required, device=device),
+            )
     decoder = state.arch.decoder
     if decoder is not None:
         gates.hooks.append(
@@ -458,6 +473,10 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int, highest: int):
             gates.before = carried
         before = gates.before[:, columns] if gates.before is not None else None
         gates.open[..., columns] = bank.open(h, gates.valid, before)
+        conjunction = gates.requires.get(layer)
+        if conjunction is not None:  # the required gates read lower layers: already known
+            cols, required = conjunction
+            gates.open[..., cols] &= gates.open[..., required]
         if layer == highest:
             gates.carried = gates.open[:, -1]  # [B, count]
 

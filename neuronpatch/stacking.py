@@ -47,7 +47,7 @@ import io
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -225,11 +225,17 @@ def _entry(patch: Patch, reference_fp: torch.Tensor | None, gate_map: list[int])
     }
 
 
+def _local_gate(gate: Gate, local: dict[int, int]) -> Gate:
+    """A stacked gate as its input held it: ``requires`` back to the input's numbering."""
+    return gate if gate.requires is None else replace(gate, requires=local[gate.requires])
+
+
 def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
     """All gates once each, and per input the stacked index of each of its gates.
 
     An input's own gates always map to distinct stacked gates (even two identical ones), so
-    its gate ids can be told apart again.
+    its gate ids can be told apart again. A gate's ``requires`` (an earlier gate of the same
+    input) is renumbered to the stacked index of that gate.
     """
     gates: list[Gate] = []
     by_bytes: dict[tuple, list[int]] = {}
@@ -237,12 +243,15 @@ def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
     for part in parts:
         mapping: list[int] = []
         for gate in part.gates:
+            if gate.requires is not None:
+                gate = replace(gate, requires=mapping[gate.requires])
             key = (
                 gate.kind,
                 gate.layer,
                 gate.threshold,
                 gate.key.numpy().tobytes(),
                 gate.centre.numpy().tobytes(),
+                gate.requires,
             )
             candidates = by_bytes.setdefault(key, [])
             hit = next((g for g in candidates if g not in mapping and gates[g].equals(gate)), None)
@@ -392,7 +401,7 @@ def _rebuild(stacked: Patch, entry: dict[str, Any], source: str | None) -> Patch
         layers=layers,
         base=stacked.base,
         base_fingerprint=fp,
-        gates=tuple(stacked.gates[g] for g in gate_map),
+        gates=tuple(_local_gate(stacked.gates[g], local_gate) for g in gate_map),
         requests=tuple(entry["requests"]),
         method=entry["method"],
         hparams=dict(entry["hparams"]),

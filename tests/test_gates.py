@@ -8,6 +8,7 @@ from conftest import MODEL_TYPES, build_tiny, make_patch
 
 import neuronpatch
 from neuronpatch.errors import FormatVersionError, GatedPatchError, GateError
+from neuronpatch.inspect import describe
 from neuronpatch.patch import Gate, LayerDelta, Patch
 
 GATE_LAYER = 0
@@ -246,3 +247,72 @@ def test_gates_of_different_layers_keep_their_rows_whatever_the_apply_order():
     neuronpatch.apply(model, a, b)
     neuronpatch.apply(model, plain)  # an ungated apply refolds layer 2 with the gated rows
     assert torch.allclose(logits(model, IDS), expected, atol=1e-6)
+
+
+def conjunction(model, subject_at: int, query_at: int, seed: int = 1) -> Patch:
+    """Rows of layer 2 behind gate 1 (layer 1, keyed at ``query_at``), which requires gate 0
+    (layer 0, keyed at ``subject_at``): a ``gate_key="both"`` patch in miniature."""
+    h0, h1 = residual(model, IDS, 0)[0], residual(model, IDS, 1)[0]
+    subject = Gate(0, h0[subject_at] - h0.mean(0), h0.mean(0), 0.999)
+    query = Gate(1, h1[query_at] - h1.mean(0), h1.mean(0), 0.999, kind="query", requires=0)
+    ld = make_patch(model, layers=[2], seed=seed, scale=2.0).layers[2]
+    rows = {2: LayerDelta(ld.neuron_indices, ld.deltas, torch.ones_like(ld.neuron_indices))}
+    return Patch(rows, make_patch(model).base, gates=(subject, query), method="test")
+
+
+def test_a_gate_that_requires_another_opens_only_where_both_are_open():
+    model = build_tiny("llama")
+    base = logits(model, IDS)
+    patch = conjunction(model, subject_at=2, query_at=6)
+    ld = patch.layers[2]
+    plain = Patch({2: LayerDelta(ld.neuron_indices, ld.deltas)}, patch.base, method="test")
+    with neuronpatch.applied(model, patch):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=6), atol=1e-5)
+    # the query matches from 2 on, but the required gate only from 6 on
+    late = conjunction(model, subject_at=6, query_at=2)
+    with neuronpatch.applied(model, late):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=6), atol=1e-5)
+    # a required gate that never opens keeps the query gate shut: bitwise the base logits
+    h0 = residual(model, IDS, 0)[0]
+    never = Gate(0, torch.randn(h0.shape[-1]), h0.mean(0), 0.999)
+    shut = Patch(patch.layers, patch.base, gates=(never, patch.gates[1]), method="test")
+    with neuronpatch.applied(model, shut):
+        assert torch.equal(logits(model, IDS), base)
+    assert torch.equal(logits(model, IDS), base)
+
+
+def test_required_gates_survive_files_stacks_and_unstacking():
+    from neuronpatch.stacking import stack, unstack
+
+    model = build_tiny("llama")
+    a, b = conjunction(model, 2, 6, seed=1), conjunction(model, 3, 8, seed=2)
+    assert Patch.from_bytes(a.to_bytes()).gates[1].requires == 0
+    assert Patch.from_bytes(a.to_bytes()).to_bytes() == a.to_bytes()
+    stacked = stack([a, b])
+    assert [g.requires for g in stacked.gates] == [None, 0, None, 2]  # renumbered
+    with neuronpatch.applied(model, a, b):
+        expected = logits(model, IDS)
+    with neuronpatch.applied(model, stacked):
+        assert torch.allclose(logits(model, IDS), expected, atol=1e-5)
+    assert [p.to_bytes() for p in unstack(stacked)] == [a.to_bytes(), b.to_bytes()]
+    info = describe(a)
+    assert [g.get("requires") for g in info["gates"]] == [None, 0]
+
+
+@pytest.mark.parametrize(
+    ("requires", "layer", "message"),
+    [
+        (1, 1, "must name an earlier gate"),
+        (-1, 1, "must name an earlier gate"),
+        (0, 0, "must read a lower layer"),
+    ],
+)
+def test_bad_required_gates_are_refused(requires, layer, message):
+    model = build_tiny("llama")
+    patch = conjunction(model, 2, 6)
+    first, second = patch.gates
+    bad = Gate(layer, second.key, second.centre, 0.5, "query", requires)
+    with pytest.raises(GateError, match=message):
+        Patch(patch.layers, patch.base, gates=(first, bad))

@@ -14,7 +14,14 @@ from test_fine_real import greedy
 import neuronpatch
 from neuronpatch.errors import InvalidHparamsError
 from neuronpatch.fine import locate
-from neuronpatch.local import LocalHparams, locate_specific, negative_prompts, subject_end
+from neuronpatch.local import (
+    LocalHparams,
+    _residual,
+    generic_centre,
+    locate_specific,
+    negative_prompts,
+    subject_end,
+)
 from neuronpatch.patch import Patch
 from neuronpatch.request import EditRequest
 
@@ -71,11 +78,42 @@ def test_without_gate_the_patch_is_plain():
         ({"gate_layer": -1}, "gate_layer must be >= 0"),
         ({"negatives_weight": -1.0}, "negatives_weight"),
         ({"negative_templates": ("no subject here",)}, "must contain"),
+        ({"gate_key": "relation"}, "gate_key must be one of 'subject', 'query'"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
     with pytest.raises(InvalidHparamsError, match=message):
         LocalHparams(**overrides)
+
+
+def test_gate_defaults_follow_the_key():
+    subject, query = LocalHparams(), LocalHparams(gate_key="query")
+    assert (subject.layer_of_gate(30), subject.threshold()) == (1, 0.75)
+    assert (query.layer_of_gate(30), query.threshold()) == (15, 0.9)  # the middle layer
+    assert LocalHparams(gate_key="query", gate_layer=3, gate_threshold=0.5).threshold() == 0.5
+    assert LocalHparams(gate_key="query", gate_layer=3).layer_of_gate(30) == 3
+
+
+def test_query_gate_keys_the_prompts_last_token(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model, tok = build_tiny("llama"), TinyTokenizer()
+    patch = tiny_edit(model, gate_key="query")
+    (gate,) = patch.gates
+    assert (gate.kind, gate.layer, gate.threshold) == ("query", 0, 0.9)
+    ids = torch.tensor([tok(TINY["prompt"]).input_ids])
+    expected = _residual(model, ids, 0)[0, -1] - generic_centre(model, tok, 0)
+    assert torch.equal(gate.key, expected) and torch.equal(
+        gate.centre, generic_centre(model, tok, 0)
+    )
+    subject_gate = tiny_edit(model).gates[0]
+    assert not torch.equal(subject_gate.key, gate.key)  # "beta" is not the last token
+    # the kind survives the file, byte for byte
+    assert Patch.from_bytes(patch.to_bytes()).gates[0].kind == "query"
+    assert Patch.from_bytes(patch.to_bytes()).to_bytes() == patch.to_bytes()
+    # the prompt itself opens it at its last position: the edit is there
+    base = logits(model, TINY["prompt"])
+    with neuronpatch.applied(model, patch):
+        assert not torch.equal(logits(model, TINY["prompt"])[0, -1], base[0, -1])
 
 
 def test_gate_layer_must_leave_layers_to_edit():
@@ -186,6 +224,65 @@ def test_gated_edit_fires_on_the_prompt_and_paraphrase_only(smollm2, local_patch
             assert torch.equal(logits(model, other, tok), base_logits[other]), other
             assert greedy(model, tok, other) == before[other]
     assert greedy(model, tok, prompt) == before[prompt]
+
+
+# (request, a rewording that must carry the edit, same subject in other relations, and the
+# same relation of other subjects): both must keep their unedited completion
+QUERY_FACTS = [
+    (
+        FACTS[0][0],
+        "The official currency of Japan is the",
+        ["The capital of Japan is", "Japan is located in"],
+        ["The currency of China is the", "The currency of the United Kingdom is the"],
+    ),
+    (
+        FACTS[1][0],
+        "The chemical symbol of gold is",
+        ["The atomic number of gold is", "The colour of gold is"],
+        ["The chemical symbol for silver is", "The chemical symbol for iron is"],
+    ),
+    (
+        FACTS[2][0],
+        "The native language of Danielle Darrieux is",
+        ["Danielle Darrieux was born in", "The occupation of Danielle Darrieux is"],
+        ["The mother tongue of Pablo Picasso is", "The mother tongue of Angela Merkel is"],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def both_patches(smollm2):
+    model, tok = smollm2
+    requests = [f[0] for f in QUERY_FACTS]
+    return neuronpatch.edit(model, tok, requests, method="local", gate_key="both", lr=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(QUERY_FACTS)))
+def test_subject_and_query_gate_edits_this_question_only(smollm2, both_patches, i):
+    model, tok = smollm2
+    request, rewording, other_relations, other_subjects = QUERY_FACTS[i]
+    patch = both_patches[i]
+    assert patch.metrics["success"], patch.metrics
+    assert [(g.kind, g.requires) for g in patch.gates] == [("subject", None), ("query", 0)]
+    prompt, target = request["prompt"], request["target_new"]
+    untouched = other_relations + other_subjects + UNRELATED
+    before = {p: greedy(model, tok, p) for p in [prompt, rewording, *untouched]}
+    base_logits = {p: logits(model, p, tok) for p in untouched}
+    assert not before[rewording].strip().startswith(target)
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, prompt).strip().startswith(target)
+        assert greedy(model, tok, rewording).strip().startswith(target)
+        # the subject's other relations shut the query gate; other subjects the subject gate
+        for other in untouched:
+            assert torch.equal(logits(model, other, tok), base_logits[other]), other
+            assert greedy(model, tok, other) == before[other], other
+    assert greedy(model, tok, prompt) == before[prompt]
+
+
+def test_both_gates_need_a_query_layer_above_the_subject_key():
+    with pytest.raises(InvalidHparamsError, match="must read a higher layer"):
+        tiny_edit(build_tiny("llama"), gate_key="both")
 
 
 def test_inspect_shows_the_gate(tmp_path, capsys):
