@@ -24,7 +24,10 @@ METHODS: dict[str, tuple[type, Callable[..., Patch]]] = {
     "local": (LocalHparams, edit_local),
     "kne": (KneHparams, edit_kne),
 }
-DEFAULT_METHOD = "fine"
+# what a user gets without naming a method: the gated, locality-preserving edit (README,
+# "Edits that stay local"); method="fine" is the paper's method exactly
+DEFAULT_METHOD = "local"
+DEFAULT_LOCATOR = "fine"  # neuronpatch.locate without a method: FiNE's contribution scores
 
 
 def _locate_fine(model: nn.Module, tokenizer, request: EditRequest, hp: FineHparams):
@@ -85,7 +88,7 @@ def locate(
     k: int | None = None,
     frozen_layers: int | None = None,
     layers: Sequence[int] | None = None,
-    method: str = DEFAULT_METHOD,
+    method: str = DEFAULT_LOCATOR,
     **overrides: Any,
 ) -> list[NeuronScore]:
     """The neurons ``method`` would edit for ``request``, strongest first.

@@ -1,13 +1,13 @@
-"""Edits that stay local: FiNE with a subject gate and an optional locality term.
+"""Edits that stay local (the default method): FiNE behind gates, and a locality term.
 
 Plain FiNE adds its deltas at every position of every input, so any input that drives the
-edited neurons carries the edit along. ``method="local"`` changes three things, each
+edited neurons carries the edit along. ``method="local"`` changes four things, each
 switchable in ``LocalHparams`` so its effect can be measured:
 
 1. **Gate** (``gate``): the patch stores a ``Gate`` keyed on the residual stream at layer
    ``gate_layer`` (centred on generic text). At run time its rows are added only from the
-   first position whose residual matches the key (cosine > ``gate_threshold``) on. Two keys
-   (``gate_key``):
+   first position whose residual matches the key (cosine > ``gate_threshold``) on. Three
+   choices (``gate_key``):
 
    - ``"subject"``: the subject's last token at layer 1 (threshold 0.75). Inputs that never
      name the subject are untouched, but every prompt about the subject opens it, whatever
@@ -15,17 +15,18 @@ switchable in ``LocalHparams`` so its effect can be measured:
    - ``"query"``: the prompt's last token at the middle layer (threshold 0.9). By then the
      residual there encodes subject *and* relation, so the gate opens on the edited question
      (and on the subject's aliases, which the model already maps together) and stays shut on
-     other relations of the subject and on the relation asked of other subjects. Measured on
-     60 records per dataset (smollm2-135m, ``benchmarks/gate_separability.py``): shut on 88 %
-     of relation-specificity prompts, 89 % of forgetfulness prompts and 87 % of CounterFact
-     neighbourhood prompts; open on 92 % of subject-alias prompts, but on only 2 % of
-     CounterFact paraphrases, whose wording differs from the prompt. Short prompts of the
-     same relation about other subjects ("The currency of China is the" for an edit of
-     Japan's) can still match: the relation dominates their last token.
-   - ``"both"``: a query gate that also requires a subject gate (threshold
-     ``subject_threshold``) to be open: the conjunction shuts other relations of the subject
-     *and* the relation asked of other subjects, at the price of aliases the subject gate
-     does not recognise.
+     other relations of the subject. Measured gate-only on smollm2-135m, 60 records per
+     dataset (``benchmarks/results/query_gate_smollm2.md``): shut on 87.5 % of
+     relation-specificity, 89.3 % of forgetfulness and 86.7 % of CounterFact neighbourhood
+     prompts; open on 91.7 % of subject-alias prompts, but on only 1.7 % of CounterFact
+     paraphrases, whose wording differs from the prompt. Short prompts of the same relation
+     about other subjects ("The currency of China is the" for an edit of Japan's) can match:
+     the relation dominates their last token.
+   - ``"both"`` (the default): the query gate, open only where the subject gate (threshold
+     ``subject_threshold``) is open too. The conjunction shuts other relations of the subject
+     *and* the relation asked of other subjects (neighbourhood prompts shut: 100 %), at the
+     price of aliases the subject key does not recognise (alias prompts open: 68.3 %).
+
 2. **Neurons above the gate**: a gate must be known before the rows it guards run, so
    neurons are located in layers ``gate_layer + 1 .. L - frozen_layers - 1`` only.
 3. **Locality term** (``negatives_weight``): KL(unedited || edited) on the same subject in
@@ -34,7 +35,9 @@ switchable in ``LocalHparams`` so its effect can be measured:
 4. **Specific neurons** (``specific_neurons``): location scores are scaled by how much
    more a neuron fires on this prompt than on the subject's other relations.
 
-The optimisation is FiNE's otherwise (same losses, steps, early stop, seed).
+The optimisation is FiNE's otherwise (same losses, steps, early stop, seed), at lr 1e-2
+(FiNE's measured default; the subject-gate variants were measured at 5e-3). Edit quality of
+every variant: README, "Edits that stay local", and ``benchmarks/results/quality.md``.
 """
 
 from __future__ import annotations
@@ -95,9 +98,9 @@ _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "wh
 class LocalHparams(FineHparams):
     """FiNE's hyperparameters plus the gate and the locality term (see the module docstring)."""
 
-    lr: float = 5e-3  # the gated variants were measured at 5e-3 (README table)
+    lr: float = 1e-2  # measured with the query gates (README); the subject-gate rows at 5e-3
     gate: bool = True
-    gate_key: str = "subject"  # "subject", "query" or "both" (see the module docstring)
+    gate_key: str = "both"  # "subject", "query" or "both" (see the module docstring)
     # the gate reads the residual stream this decoder layer outputs (None: 1 for a subject key,
     # the middle layer for a query key)
     gate_layer: int | None = None

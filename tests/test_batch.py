@@ -52,7 +52,9 @@ def pinned_clock(monkeypatch):
 
 def test_batch_makes_one_patch_per_request_against_the_unedited_model(model, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    paths = edit_batch(model, TinyTokenizer(), REQUESTS, tmp_path, hparams=HPARAMS, progress=False)
+    paths = edit_batch(
+        model, TinyTokenizer(), REQUESTS, tmp_path, method="fine", hparams=HPARAMS, progress=False
+    )
     assert [p.name for p in paths] == [
         "00000-beta-delta.safetensors",
         "00001-two-four-five.safetensors",
@@ -61,7 +63,7 @@ def test_batch_makes_one_patch_per_request_against_the_unedited_model(model, tmp
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        alone = neuronpatch.edit(model, TinyTokenizer(), REQUESTS[2], **HPARAMS)
+        alone = neuronpatch.edit(model, TinyTokenizer(), REQUESTS[2], method="fine", **HPARAMS)
     assert paths[2].read_bytes() == alone.to_bytes()  # as if edited on its own
     assert Patch.load(paths[2]).requests == (REQUESTS[2],)
     assert not (tmp_path / batch.FAILURES_FILE).exists()
@@ -69,7 +71,9 @@ def test_batch_makes_one_patch_per_request_against_the_unedited_model(model, tmp
 
 def test_rerun_resumes_and_skips_finished_requests(model, tmp_path, monkeypatch):
     tok = TinyTokenizer()
-    first = edit_batch(model, tok, REQUESTS, tmp_path, hparams=HPARAMS, progress=False)
+    first = edit_batch(
+        model, tok, REQUESTS, tmp_path, method="fine", hparams=HPARAMS, progress=False
+    )
     mtimes = {p: p.stat().st_mtime_ns for p in first}
     first[1].unlink()  # as if interrupted before request 1 was saved
     calls = []
@@ -80,7 +84,9 @@ def test_rerun_resumes_and_skips_finished_requests(model, tmp_path, monkeypatch)
         return real_edit(*args, **kwargs)
 
     monkeypatch.setattr(batch, "edit", counting_edit)
-    result = run_batch(model, tok, REQUESTS, tmp_path, hparams=HPARAMS, progress=False)
+    result = run_batch(
+        model, tok, REQUESTS, tmp_path, method="fine", hparams=HPARAMS, progress=False
+    )
     assert [r.to_dict() for r in calls] == [REQUESTS[1]]
     assert [i.resumed for i in result.items] == [True, False, True]
     assert result.paths() == first
@@ -90,17 +96,21 @@ def test_rerun_resumes_and_skips_finished_requests(model, tmp_path, monkeypatch)
 
 def test_resume_refuses_a_folder_of_another_batch_or_other_hparams(model, tmp_path):
     tok = TinyTokenizer()
-    edit_batch(model, tok, REQUESTS[:1], tmp_path, hparams=HPARAMS, progress=False)
+    edit_batch(model, tok, REQUESTS[:1], tmp_path, method="fine", hparams=HPARAMS, progress=False)
     other = [{**REQUESTS[0], "prompt": "zeta beta gamma"}]  # same file name, other request
     with pytest.raises(BatchError, match="another batch"):
-        edit_batch(model, tok, other, tmp_path, hparams=HPARAMS, progress=False)
+        edit_batch(model, tok, other, tmp_path, method="fine", hparams=HPARAMS, progress=False)
     with pytest.raises(BatchError, match=r"other settings: lr=0\.5 \(this run 0\.1\)"):
-        edit_batch(model, tok, REQUESTS[:1], tmp_path, hparams={**HPARAMS, "lr": 0.1})
+        edit_batch(
+            model, tok, REQUESTS[:1], tmp_path, method="fine", hparams={**HPARAMS, "lr": 0.1}
+        )
 
 
 def test_a_failing_request_is_reported_and_the_others_still_run(model, tmp_path):
     requests = [REQUESTS[0], BAD, REQUESTS[2]]
-    result = run_batch(model, TinyTokenizer(), requests, tmp_path, hparams=HPARAMS, progress=False)
+    result = run_batch(
+        model, TinyTokenizer(), requests, tmp_path, method="fine", hparams=HPARAMS, progress=False
+    )
     assert [i.status for i in result.items] == ["ok", "error", "ok"]
     assert [p.name for p in result.paths()] == [
         "00000-beta-delta.safetensors",
@@ -117,12 +127,16 @@ def test_a_failing_request_is_reported_and_the_others_still_run(model, tmp_path)
 
 def test_an_edit_that_misses_its_target_is_saved_but_not_counted(model, tmp_path):
     weak = {**HPARAMS, "lr": 1e-6, "max_steps": 1}
-    result = run_batch(model, TinyTokenizer(), REQUESTS[:1], tmp_path, hparams=weak, progress=False)
+    result = run_batch(
+        model, TinyTokenizer(), REQUESTS[:1], tmp_path, method="fine", hparams=weak, progress=False
+    )
     assert result.items[0].status == "unsuccessful"
     assert result.paths() == [] and result.paths(include_unsuccessful=True)[0].exists()
     failure = json.loads((tmp_path / batch.FAILURES_FILE).read_text())
     assert failure["status"] == "unsuccessful" and "target probability" in failure["message"]
-    again = run_batch(model, TinyTokenizer(), REQUESTS[:1], tmp_path, hparams=weak, progress=False)
+    again = run_batch(
+        model, TinyTokenizer(), REQUESTS[:1], tmp_path, method="fine", hparams=weak, progress=False
+    )
     assert again.items[0].resumed and again.items[0].status == "unsuccessful"
     assert json.loads((tmp_path / batch.FAILURES_FILE).read_text()) == failure
 
@@ -155,7 +169,7 @@ def test_cli_batch_reports_failures_and_stacks_the_successes(model, tmp_path, mo
     data = tmp_path / "requests.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [REQUESTS[0], BAD, REQUESTS[1]]))
     out, stacked = tmp_path / "patches", tmp_path / "stack.safetensors"
-    hparams = [f"--hparam={k}={v}" for k, v in HPARAMS.items()]
+    hparams = ["--method", "fine", *(f"--hparam={k}={v}" for k, v in HPARAMS.items())]
     args = ["batch", str(data), "--model", "tiny", "-o", str(out), *hparams]
     assert main([*args, "--stack", str(stacked)]) == 1  # one request failed
     text = capsys.readouterr().out

@@ -176,7 +176,14 @@ def test_evaluate_writes_every_output(tiny, records, tmp_path):
         before = model(input_ids=probe).logits
     out = tmp_path / "run"
     summary = evaluate(
-        model, tok, records, hparams=FAST, out_dir=out, progress=False, fluency_length=40
+        model,
+        tok,
+        records,
+        method="fine",
+        hparams=FAST,
+        out_dir=out,
+        progress=False,
+        fluency_length=40,
     )
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
@@ -221,7 +228,7 @@ def test_evaluate_writes_every_output(tiny, records, tmp_path):
 def test_resume_skips_finished_records(tiny, records, tmp_path, count_edits):
     model, tok = tiny
     out = tmp_path / "run"
-    kwargs = dict(hparams=FAST, out_dir=out, progress=False, fluency=False)
+    kwargs = dict(method="fine", hparams=FAST, out_dir=out, progress=False, fluency=False)
     evaluate(model, tok, records[:2], **kwargs)
     assert count_edits["n"] == 2
     summary = evaluate(model, tok, records, **kwargs)
@@ -236,7 +243,7 @@ def test_resume_skips_finished_records(tiny, records, tmp_path, count_edits):
 def test_resume_after_interruption(tiny, records, tmp_path, count_edits):
     model, tok = tiny
     out = tmp_path / "run"
-    kwargs = dict(hparams=FAST, out_dir=out, progress=False, fluency=False)
+    kwargs = dict(method="fine", hparams=FAST, out_dir=out, progress=False, fluency=False)
     count_edits["interrupt_at"] = 2
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, tok, records, **kwargs)
@@ -253,12 +260,22 @@ def test_resume_after_interruption(tiny, records, tmp_path, count_edits):
 def test_resume_refuses_another_run(tiny, records, tmp_path):
     model, tok = tiny
     out = tmp_path / "run"
-    evaluate(model, tok, records[:1], hparams=FAST, out_dir=out, progress=False, fluency=False)
+    evaluate(
+        model,
+        tok,
+        records[:1],
+        method="fine",
+        hparams=FAST,
+        out_dir=out,
+        progress=False,
+        fluency=False,
+    )
     with pytest.raises(EvaluationError, match="another run.*max_steps"):
         evaluate(
             model,
             tok,
             records,
+            method="fine",
             hparams={"max_steps": 4},
             out_dir=out,
             progress=False,
@@ -270,7 +287,16 @@ def test_resume_refuses_another_run(tiny, records, tmp_path):
         )
     ]
     with pytest.raises(EvaluationError, match="another data file"):
-        evaluate(model, tok, other, hparams=FAST, out_dir=out, progress=False, fluency=False)
+        evaluate(
+            model,
+            tok,
+            other,
+            method="fine",
+            hparams=FAST,
+            out_dir=out,
+            progress=False,
+            fluency=False,
+        )
 
 
 def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatch):
@@ -284,7 +310,14 @@ def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatc
 
     monkeypatch.setattr(evaluate_module, "edit", picky)
     summary = evaluate(
-        model, tok, records, hparams=FAST, out_dir=tmp_path, progress=False, fluency=False
+        model,
+        tok,
+        records,
+        method="fine",
+        hparams=FAST,
+        out_dir=tmp_path,
+        progress=False,
+        fluency=False,
     )
     assert (summary["n"], summary["failed"]) == (2, 1)
     assert summary["errors"] == {
@@ -297,7 +330,7 @@ def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatc
 def test_repeated_record_ids_are_refused(tiny, records):
     model, tok = tiny
     with pytest.raises(EvaluationError, match="unique"):
-        evaluate(model, tok, [records[0], records[0]], hparams=FAST, progress=False)
+        evaluate(model, tok, [records[0], records[0]], method="fine", hparams=FAST, progress=False)
 
 
 def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
@@ -313,6 +346,8 @@ def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
             str(data),
             "--n",
             "2",
+            "--method",
+            "fine",
             "--hparam",
             "max_steps=2",
             "--hparam",
@@ -334,7 +369,9 @@ def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
 def test_eval_on_the_embedded_model_resumes(smollm2, records, tmp_path, count_edits):
     model, tok = smollm2
     out = tmp_path / "run"
-    kwargs = dict(hparams={"max_steps": 3}, out_dir=out, progress=False, fluency=False)
+    kwargs = dict(
+        method="fine", hparams={"max_steps": 3}, out_dir=out, progress=False, fluency=False
+    )
     evaluate(model, tok, records[:2], **kwargs)
     summary = evaluate(model, tok, records, **kwargs)
     assert count_edits["n"] == 3

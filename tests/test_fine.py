@@ -13,6 +13,11 @@ from neuronpatch.errors import InvalidHparamsError, InvalidRequestError, Unsuppo
 from neuronpatch.fine import FineHparams
 
 
+def fine_edit(*args, **kwargs):
+    """neuronpatch.edit with method="fine" named (the library default is "local")."""
+    return neuronpatch.edit(*args, method="fine", **kwargs)
+
+
 class TinyTokenizer:
     """A whitespace tokenizer over the tiny models' 128-token vocabulary."""
 
@@ -37,7 +42,7 @@ def test_edit_runs_on_every_architecture_and_leaves_model_unchanged(model_type):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model may not reach p > 0.9 in 20 steps
-        patch = neuronpatch.edit(
+        patch = fine_edit(
             model, TinyTokenizer(), TINY_REQUEST, max_steps=20, lr=0.05, frozen_layers=1
         )
     assert patch.method == "fine"
@@ -54,7 +59,7 @@ def test_edit_raises_target_probability_on_tiny_model():
     tok = TinyTokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        patch = neuronpatch.edit(model, tok, TINY_REQUEST, max_steps=30, lr=0.05, frozen_layers=1)
+        patch = fine_edit(model, tok, TINY_REQUEST, max_steps=30, lr=0.05, frozen_layers=1)
     ids = torch.tensor([tok("alpha beta gamma delta epsilon").input_ids])
 
     def target_logprob():
@@ -111,7 +116,7 @@ def test_ablations_random_neurons_and_no_freezing():
     located = neuronpatch.locate(model, tok, TINY_REQUEST, k=3, frozen_layers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rand = neuronpatch.edit(
+        rand = fine_edit(
             model, tok, TINY_REQUEST, k=3, frozen_layers=0, random_neurons=True, max_steps=2
         )
     picked = {(n["layer"], n["index"]) for n in rand.extra["neurons"]}
@@ -124,7 +129,7 @@ def test_patch_records_request_hparams_neurons_and_metrics():
     model = build_tiny("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        patch = neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=3, frozen_layers=1)
+        patch = fine_edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=3, frozen_layers=1)
     assert patch.requests == (
         {"prompt": "alpha beta gamma", "subject": "beta", "target_new": "delta epsilon"},
     )
@@ -143,8 +148,8 @@ def test_same_request_gives_byte_identical_patch(monkeypatch, tmp_path):
     model = build_tiny("qwen2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=5, frozen_layers=1)
-        b = neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=5, frozen_layers=1)
+        a = fine_edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=5, frozen_layers=1)
+        b = fine_edit(model, TinyTokenizer(), TINY_REQUEST, max_steps=5, frozen_layers=1)
     assert (
         a.save(tmp_path / "a.safetensors").read_bytes()
         == b.save(tmp_path / "b.safetensors").read_bytes()
@@ -157,10 +162,10 @@ def test_list_of_requests_gives_one_patch_each_against_the_unedited_model():
     other = {"prompt": "one two three", "subject": "two", "target_new": "four"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        both = neuronpatch.edit(
+        both = fine_edit(
             model, TinyTokenizer(), [TINY_REQUEST, other], max_steps=3, frozen_layers=1
         )
-        alone = neuronpatch.edit(model, TinyTokenizer(), other, max_steps=3, frozen_layers=1)
+        alone = fine_edit(model, TinyTokenizer(), other, max_steps=3, frozen_layers=1)
     assert len(both) == 2
     assert both[1].patch_id == alone.patch_id
 
@@ -176,18 +181,18 @@ def test_list_of_requests_gives_one_patch_each_against_the_unedited_model():
 )
 def test_bad_requests_are_refused_clearly(request_, message):
     with pytest.raises(InvalidRequestError, match=message):
-        neuronpatch.edit(build_tiny("llama"), TinyTokenizer(), request_, frozen_layers=1)
+        fine_edit(build_tiny("llama"), TinyTokenizer(), request_, frozen_layers=1)
 
 
 def test_bad_hparams_and_unsupported_models_are_refused_clearly():
     model = build_tiny("llama")
     with pytest.raises(InvalidHparamsError, match="unknown hyperparameter"):
-        neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, learning_rate=1)
+        fine_edit(model, TinyTokenizer(), TINY_REQUEST, learning_rate=1)
     with pytest.raises(InvalidHparamsError, match="k must be"):
-        neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, k=0)
+        fine_edit(model, TinyTokenizer(), TINY_REQUEST, k=0)
     with pytest.raises(InvalidHparamsError, match="freezes all 3 layers"):
-        neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, frozen_layers=3)
+        fine_edit(model, TinyTokenizer(), TINY_REQUEST, frozen_layers=3)
     with pytest.raises(InvalidHparamsError, match="unknown method"):
         neuronpatch.edit(model, TinyTokenizer(), TINY_REQUEST, method="rome")
     with pytest.raises(UnsupportedModelError, match="Supported model types"):
-        neuronpatch.edit(torch.nn.Linear(2, 2), TinyTokenizer(), TINY_REQUEST, frozen_layers=1)
+        fine_edit(torch.nn.Linear(2, 2), TinyTokenizer(), TINY_REQUEST, frozen_layers=1)

@@ -45,7 +45,7 @@ def edited(smollm2):
     """One patch per fact, with the completions before editing."""
     model, tok = smollm2
     before = {p: greedy(model, tok, p) for p in [f["prompt"] for f in FACTS] + UNRELATED}
-    patches = neuronpatch.edit(model, tok, FACTS)
+    patches = neuronpatch.edit(model, tok, FACTS, method="fine")
     return before, patches
 
 
@@ -85,7 +85,7 @@ def test_unrelated_prompts_keep_their_completion(smollm2, edited, i):
 def test_model_is_bitwise_unchanged_by_editing(smollm2):
     model, tok = smollm2
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    neuronpatch.edit(model, tok, FACTS[0], max_steps=2)
+    neuronpatch.edit(model, tok, FACTS[0], max_steps=2, method="fine")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
@@ -94,7 +94,7 @@ def test_target_already_predicted_gives_an_empty_patch_with_a_warning(smollm2):
     # p(" Au") = 0.96 > early_stop_prob before any edit
     request = {"prompt": "The chemical symbol for gold is", "subject": "gold", "target_new": "Au"}
     with pytest.warns(UserWarning, match="already predicts"):
-        patch = neuronpatch.edit(model, tok, request)
+        patch = neuronpatch.edit(model, tok, request, method="fine")
     assert patch.num_neurons == 0 and patch.metrics["steps"] == 0
     neuronpatch.apply(model, patch)  # applying it is a no-op
     neuronpatch.remove(model)
@@ -122,7 +122,7 @@ def test_edit_on_gemma3(gemma3):
         "target_new": "Rome",
     }
     before = greedy(model, tok, request["prompt"])
-    patch = neuronpatch.edit(model, tok, request)
+    patch = neuronpatch.edit(model, tok, request, method="fine")
     assert patch.base.model_type == "gemma3_text" and patch.metrics["success"]
     with neuronpatch.applied(model, patch):
         assert greedy(model, tok, request["prompt"]).strip().startswith("Rome")
@@ -132,7 +132,7 @@ def test_edit_on_gemma3(gemma3):
 def test_edit_on_a_bf16_model_applies_to_the_fp32_model(smollm2):
     model32, tok = smollm2
     model16, _ = neuronpatch.load_model("smollm2-135m", dtype=torch.bfloat16)
-    patch = neuronpatch.edit(model16, tok, FACTS[2])
+    patch = neuronpatch.edit(model16, tok, FACTS[2], method="fine")
     assert all(ld.deltas.dtype == torch.float32 for ld in patch.layers.values())
     with neuronpatch.applied(model16, patch):
         assert greedy(model16, tok, FACTS[2]["prompt"]).strip().startswith("Saturn")

@@ -26,7 +26,8 @@ from neuronpatch.patch import Patch
 from neuronpatch.request import EditRequest
 
 TINY = {"prompt": "alpha beta gamma", "subject": "beta", "target_new": "delta epsilon"}
-TINY_HP = {"max_steps": 20, "lr": 0.05, "frozen_layers": 1, "gate_layer": 0}
+# the tiny models have 3 layers: room for one gate below the edited layer, not two
+TINY_HP = {"max_steps": 20, "lr": 0.05, "frozen_layers": 1, "gate_layer": 0, "gate_key": "subject"}
 
 
 def tiny_edit(model, **overrides):
@@ -87,7 +88,8 @@ def test_bad_hyperparameters_are_refused(overrides, message):
 
 
 def test_gate_defaults_follow_the_key():
-    subject, query = LocalHparams(), LocalHparams(gate_key="query")
+    subject, query = LocalHparams(gate_key="subject"), LocalHparams(gate_key="query")
+    assert LocalHparams().gate_key == "both" and LocalHparams().lr == 0.01
     assert (subject.layer_of_gate(30), subject.threshold()) == (1, 0.75)
     assert (query.layer_of_gate(30), query.threshold()) == (15, 0.9)  # the middle layer
     assert LocalHparams(gate_key="query", gate_layer=3, gate_threshold=0.5).threshold() == 0.5
@@ -200,7 +202,8 @@ def target_prob(model, tok, prompt: str, target: str) -> float:
 @pytest.fixture(scope="module")
 def local_patches(smollm2):
     model, tok = smollm2
-    return neuronpatch.edit(model, tok, [f[0] for f in FACTS], method="local")
+    requests = [f[0] for f in FACTS]
+    return neuronpatch.edit(model, tok, requests, method="local", gate_key="subject", lr=0.005)
 
 
 @pytest.mark.slow
