@@ -213,7 +213,8 @@ def _check_gates(patches: list[Patch], approximate: bool) -> None:
             "position whether the deltas apply, but a LoRA adapter adds its update at every "
             "position, so it cannot reproduce the gate. Pass approximate=True (CLI: "
             "--approximate) to export the deltas ungated: the edit then fires everywhere and "
-            "locality gets worse. Nothing was written."
+            "locality gets worse. For an exact adapter, edit ungated: method='fine' (CLI: "
+            "--method fine). Nothing was written."
         )
     warnings.warn(
         f"exporting {', '.join(gated)} without {'its gate' if len(gated) == 1 else 'their gates'}"
