@@ -50,6 +50,10 @@ VARIANTS = {
     "local: query gate": ("local", {"gate_key": "query", "lr": 0.005}),
     "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01}),
     "local: subject + query gate, lr 1e-2": ("local", {"gate_key": "both", "lr": 0.01}),
+    "local: subject 0.4 + query gate, lr 1e-2": (
+        "local",
+        {"gate_key": "both", "lr": 0.01, "subject_threshold": 0.4},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }
