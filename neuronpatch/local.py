@@ -89,8 +89,27 @@ NEGATIVE_TEMPLATES = (
     "The name of the father of {subject} is",
 )
 
+# Other entities put in the subject's place to calibrate a subject gate's threshold.
+OTHER_SUBJECTS = (
+    "Paris",
+    "Barack Obama",
+    "Microsoft",
+    "the Amazon River",
+    "Germany",
+    "Albert Einstein",
+    "Toyota",
+    "Mount Everest",
+    "William Shakespeare",
+    "Japan",
+    "the Beatles",
+    "Real Madrid",
+)
+
 GATE_KEYS = ("subject", "query", "both")
 SUBJECT_GATE_LAYER = 1  # where a subject key is read (gate_key="subject" default, "both")
+CALIBRATED = "calibrated"  # subject_threshold: set per edit from OTHER_SUBJECTS
+CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
+MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
 
 
@@ -105,7 +124,10 @@ class LocalHparams(FineHparams):
     # the middle layer for a query key)
     gate_layer: int | None = None
     gate_threshold: float | None = None  # cosine with the centred key (None: 0.75 / 0.9)
-    subject_threshold: float = 0.75  # gate_key="both": the subject gate's threshold (layer 1)
+    # gate_key="both": the subject gate's layer and threshold: a cosine, or "calibrated" (per
+    # edit: the highest cosine the prompt reaches with OTHER_SUBJECTS in the subject's place)
+    subject_layer: int = SUBJECT_GATE_LAYER
+    subject_threshold: float | str = 0.75
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
@@ -118,8 +140,16 @@ class LocalHparams(FineHparams):
             )
         for name in ("gate_threshold", "subject_threshold"):
             value = getattr(self, name)
+            if name == "subject_threshold" and value == CALIBRATED:
+                continue
+            if isinstance(value, str):
+                raise InvalidHparamsError(
+                    f"{name} must be a number or {CALIBRATED!r}, got {value!r}"
+                )
             if value is not None and not -1.0 < value < 1.0:
                 raise InvalidHparamsError(f"{name} must lie strictly between -1 and 1, got {value}")
+        if self.subject_layer < 0:
+            raise InvalidHparamsError(f"subject_layer must be >= 0, got {self.subject_layer}")
         if self.gate_layer is not None and self.gate_layer < 0:
             raise InvalidHparamsError(f"gate_layer must be >= 0, got {self.gate_layer}")
         if self.negatives_weight < 0:
@@ -142,26 +172,41 @@ class LocalHparams(FineHparams):
 
 
 @torch.no_grad()
-def _residual(
-    model: nn.Module, input_ids: torch.Tensor, layer: int, attention_mask=None
-) -> torch.Tensor:
-    """The residual stream decoder layer ``layer`` outputs: [B, S] -> [B, S, hidden]."""
+def _residuals(
+    model: nn.Module, input_ids: torch.Tensor, layers, attention_mask=None
+) -> dict[int, torch.Tensor]:
+    """The residual stream each of ``layers`` outputs, from one forward pass:
+    [B, S] -> {layer: [B, S, hidden]}."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         output_hidden_states=True,
         use_cache=False,
     )
-    return out.hidden_states[layer + 1].float()
+    return {layer: out.hidden_states[layer + 1].float() for layer in layers}
+
+
+def _residual(
+    model: nn.Module, input_ids: torch.Tensor, layer: int, attention_mask=None
+) -> torch.Tensor:
+    """The residual stream decoder layer ``layer`` outputs: [B, S] -> [B, S, hidden]."""
+    return _residuals(model, input_ids, (layer,), attention_mask)[layer]
+
+
+def generic_centres(model: nn.Module, tokenizer, layers) -> dict[int, torch.Tensor]:
+    """Mean residual at each of ``layers`` over generic text, position 0 (an attention sink)
+    dropped: {layer: [hidden]}. One forward pass per text serves every layer."""
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for text in GENERIC_TEXT:
+        ids = torch.tensor([tokenizer(text).input_ids], device=device_of(model))
+        for layer, h in _residuals(model, ids, layers).items():
+            rows[layer].append(h[0, 1:])  # [S - 1, hidden]
+    return {layer: torch.cat(r).mean(0) for layer, r in rows.items()}
 
 
 def generic_centre(model: nn.Module, tokenizer, layer: int) -> torch.Tensor:
-    """Mean residual at ``layer`` over generic text, position 0 (an attention sink) dropped."""
-    rows = []
-    for text in GENERIC_TEXT:
-        ids = torch.tensor([tokenizer(text).input_ids], device=device_of(model))
-        rows.append(_residual(model, ids, layer)[0, 1:])  # [S - 1, hidden]
-    return torch.cat(rows).mean(0)  # [hidden]
+    """Mean residual at ``layer`` over generic text, position 0 dropped: [hidden]."""
+    return generic_centres(model, tokenizer, (layer,))[layer]
 
 
 def subject_end(tokenizer, prompt: str, subject: str) -> int:
@@ -181,33 +226,57 @@ def subject_end(tokenizer, prompt: str, subject: str) -> int:
     return len(tokenizer(prompt[:end]).input_ids) - 1
 
 
-def _key_gate(
-    model: nn.Module, tokenizer, request: EditRequest, kind: str, layer: int, threshold: float
-) -> Gate:
-    """Key = centred residual at ``layer`` of the subject's last token (``kind="subject"``)
-    or of the prompt's last token (``"query"``)."""
-    ids = torch.tensor([tokenizer(request.prompt).input_ids], device=device_of(model))
-    centre = generic_centre(model, tokenizer, layer)  # [hidden]
-    h = _residual(model, ids, layer)[0]  # [S, hidden]
-    if kind == "subject":
-        position = subject_end(tokenizer, request.prompt, request.subject)
-    else:
-        position = h.shape[0] - 1
-    return Gate(layer, h[position] - centre, centre, threshold, kind=kind)
-
-
 def make_gates(
     model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams
 ) -> tuple[Gate, ...]:
-    """The patch's gates for ``request``; the last one guards every row."""
+    """The patch's gates for ``request``; the last one guards every row.
+
+    A gate's key is the residual (centred on generic text) at its layer of the subject's
+    last token (``"subject"``) or of the prompt's last token (``"query"``)."""
     layer = hp.layer_of_gate(resolve(model).num_layers)
-    if hp.gate_key != "both":
-        return (_key_gate(model, tokenizer, request, hp.gate_key, layer, hp.threshold()),)
-    subject = _key_gate(
-        model, tokenizer, request, "subject", SUBJECT_GATE_LAYER, hp.subject_threshold
-    )
-    query = _key_gate(model, tokenizer, request, "query", layer, hp.threshold())
-    return subject, replace(query, requires=0)
+    if hp.gate_key == "both":
+        specs = [
+            ("subject", hp.subject_layer, hp.subject_threshold),
+            ("query", layer, hp.threshold()),
+        ]
+    else:
+        specs = [(hp.gate_key, layer, hp.threshold())]
+    layers = sorted({spec[1] for spec in specs})
+    centres = generic_centres(model, tokenizer, layers)  # {layer: [hidden]}
+    ids = torch.tensor([tokenizer(request.prompt).input_ids], device=device_of(model))
+    states = _residuals(model, ids, layers)  # {layer: [1, S, hidden]}
+    gates: list[Gate] = []
+    for kind, at, threshold in specs:
+        h = states[at][0]  # [S, hidden]
+        if kind == "subject":
+            position = subject_end(tokenizer, request.prompt, request.subject)
+        else:
+            position = h.shape[0] - 1
+        requires = 0 if gates else None  # "both": the query gate requires the subject gate
+        gate = Gate(at, h[position] - centres[at], centres[at], 0.0, kind, requires)
+        if threshold == CALIBRATED:
+            threshold = calibrated_threshold(model, tokenizer, request, gate)
+        gates.append(replace(gate, threshold=threshold))
+    return tuple(gates)
+
+
+def calibrated_threshold(model: nn.Module, tokenizer, request: EditRequest, gate: Gate) -> float:
+    """The highest cosine ``gate`` reaches (any position, as the runtime matches) on the
+    prompt with each of ``OTHER_SUBJECTS`` in the subject's place, and at least
+    ``CALIBRATION_FLOOR``: the gate then stays shut on those prompts and opens on inputs
+    nearer the subject than any of them (a fixed threshold is too strict for aliases on
+    some subjects and too loose on others)."""
+    bank = GateBank([gate], device_of(model))
+    highest = CALIBRATION_FLOOR
+    for other in OTHER_SUBJECTS:
+        if other.lower() == request.subject.lower():
+            continue
+        text = request.prompt.replace(request.subject, other)
+        ids = torch.tensor([tokenizer(text).input_ids], device=device_of(model))
+        h = _residual(model, ids, gate.layer)  # [1, S, hidden]
+        # a float32 cosine, stored exactly: the runtime's "> threshold" shuts this prompt
+        highest = max(highest, bank.cosine(h).max().item())
+    return min(highest, MAX_CALIBRATED)
 
 
 def _gate_fn(model: nn.Module, gates: tuple[Gate, ...]) -> Callable:
@@ -216,10 +285,10 @@ def _gate_fn(model: nn.Module, gates: tuple[Gate, ...]) -> Callable:
 
     def open_positions(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
         valid = attention_mask.bool() if attention_mask is not None else None
+        states = _residuals(model, input_ids, {g.layer for g in gates}, attention_mask)
         opened: list[torch.Tensor] = []
         for gate, bank in zip(gates, banks, strict=True):
-            h = _residual(model, input_ids, gate.layer, attention_mask)  # [B, S, hidden]
-            now = bank.open(h, valid)[..., 0]  # [B, S]
+            now = bank.open(states[gate.layer], valid)[..., 0]  # [B, S]
             opened.append(now if gate.requires is None else now & opened[gate.requires])
         return opened[-1]
 
@@ -318,9 +387,9 @@ def edit_local(
             f"{hp.frozen_layers} of {arch.num_layers}; use a lower gate_layer"
         )
     layers = [layer for layer in (hp.layers or range(top)) if layer >= lowest]
-    if hp.gate and hp.gate_key == "both" and gate_layer <= SUBJECT_GATE_LAYER:
+    if hp.gate and hp.gate_key == "both" and gate_layer <= hp.subject_layer:
         raise InvalidHparamsError(
-            f"gate_key='both' reads its subject key at layer {SUBJECT_GATE_LAYER}, so its query "
+            f"gate_key='both' reads its subject key at layer {hp.subject_layer}, so its query "
             f"gate must read a higher layer; got gate_layer={gate_layer}"
         )
     gates = make_gates(model, tokenizer, request, hp) if hp.gate else ()

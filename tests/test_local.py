@@ -14,7 +14,10 @@ from test_fine_real import greedy
 import neuronpatch
 from neuronpatch.errors import InvalidHparamsError
 from neuronpatch.fine import locate
+from neuronpatch.gates import GateBank
 from neuronpatch.local import (
+    CALIBRATION_FLOOR,
+    OTHER_SUBJECTS,
     LocalHparams,
     _residual,
     generic_centre,
@@ -80,6 +83,8 @@ def test_without_gate_the_patch_is_plain():
         ({"negatives_weight": -1.0}, "negatives_weight"),
         ({"negative_templates": ("no subject here",)}, "must contain"),
         ({"gate_key": "relation"}, "gate_key must be one of 'subject', 'query'"),
+        ({"subject_threshold": "auto"}, "must be a number or 'calibrated'"),
+        ({"subject_layer": -1}, "subject_layer must be >= 0"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
@@ -286,6 +291,32 @@ def test_subject_and_query_gate_edits_this_question_only(smollm2, both_patches, 
 def test_both_gates_need_a_query_layer_above_the_subject_key():
     with pytest.raises(InvalidHparamsError, match="must read a higher layer"):
         tiny_edit(build_tiny("llama"), gate_key="both")
+
+
+def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model, tok = build_tiny("llama"), TinyTokenizer()
+    hp = {"gate_key": "both", "subject_layer": 0, "gate_layer": 1, "frozen_layers": 0}
+    patch = tiny_edit(model, subject_threshold="calibrated", **hp)
+    subject, query = patch.gates
+    assert (subject.kind, subject.layer, query.requires) == ("subject", 0, 0)
+
+    def cosines(text: str) -> torch.Tensor:  # cos(h - centre, key) at every position: [S]
+        h = _residual(model, torch.tensor([tok(text).input_ids]), 0)[0] - subject.centre
+        return h @ subject.key / (h.norm(dim=-1) * subject.key.norm()).clamp_min(1e-12)
+
+    others = [TINY["prompt"].replace("beta", other) for other in OTHER_SUBJECTS]
+    highest = max(cosines(text).max().item() for text in others)
+    assert subject.threshold == pytest.approx(max(highest, CALIBRATION_FLOOR), abs=1e-5)
+    bank = GateBank([subject], torch.device("cpu"))
+    for text in others:  # every calibration prompt keeps the subject gate shut
+        h = _residual(model, torch.tensor([tok(text).input_ids]), 0)
+        assert not bank.open(h).any(), text
+    h = _residual(model, torch.tensor([tok(TINY["prompt"]).input_ids]), 0)
+    assert bank.open(h)[0, -1, 0]  # the prompt itself opens it
+    # a fixed threshold is stored as given; the calibrated one is data like any other
+    assert tiny_edit(model, subject_threshold=0.5, **hp).gates[0].threshold == 0.5
+    assert Patch.from_bytes(patch.to_bytes()).to_bytes() == patch.to_bytes()
 
 
 def test_inspect_shows_the_gate(tmp_path, capsys):
