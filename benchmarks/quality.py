@@ -54,6 +54,14 @@ VARIANTS = {
         "local",
         {"gate_key": "both", "lr": 0.01, "subject_threshold": 0.4},
     ),
+    "local: calibrated subject + query gate, lr 1e-2": (
+        "local",
+        {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated"},
+    ),
+    "local: calibrated layer-4 subject + query gate, lr 1e-2": (
+        "local",
+        {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated", "subject_layer": 4},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

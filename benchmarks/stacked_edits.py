@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if sizes[0] < 1 or sizes[-1] > n:
         parser.error(f"--sizes must lie in 1..--n ({n}), got {sizes}")
     run_dir = args.run_dir or Path("runs") / "stacked" / _run_name(args, hparams)
-    records = load_records(args.data, n=n)
+    records = _distinct(load_records(args.data), n)
     model, tokenizer = neuronpatch.load_model(args.model)
     model.eval()
 
@@ -120,6 +120,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
     print(f"wrote {out.with_suffix('.json')}, .md, .png")
+
+
+def _distinct(records: list[EditRecord], n: int) -> list[EditRecord]:
+    """The first ``n`` records whose requests differ: the data files repeat a few requests,
+    and stacking one edit twice would add its deltas twice (``stack`` refuses it)."""
+    seen: set[str] = set()
+    out = []
+    for record in records:
+        key = json.dumps(record.request.to_dict(), sort_keys=True)
+        if key in seen:
+            print(f"record {record.record_id} repeats an earlier request: skipped")
+            continue
+        seen.add(key)
+        out.append(record)
+        if len(out) == n:
+            break
+    return out
 
 
 class Scorer:
