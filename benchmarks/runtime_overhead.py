@@ -4,8 +4,9 @@ Measures, in one process:
 
 * greedy-generation throughput (tokens/s) unpatched vs with 1, 10, 100 and 1000 stacked
   patches (and the 1000 patches merged into the weights), and with 1, 100 and 1000 stacked
-  *gated* patches (each guarded by a subject gate on layer 1, as method="local" makes them;
-  closed on every prompt, plus one configuration whose gate opens on the first prompt), at
+  *gated* patches (each guarded by the default method's two gates, a subject gate on layer 1
+  required by a query gate on the middle layer, as method="local" makes them; closed on every
+  prompt, plus one configuration whose gates open on the first prompt), at
   batch 1 and batch 8, as ratios to the unpatched speed of the same round. Every round runs
   every configuration once, in a fresh random order, so slow drift of a shared machine hits
   all of them alike; the reported ratio is the median over rounds of (config tokens/s) /
@@ -40,7 +41,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,9 @@ import torch  # noqa: E402
 import neuronpatch  # noqa: E402
 from neuronpatch import fingerprint  # noqa: E402
 from neuronpatch.arch import ModelArch, resolve  # noqa: E402
-from neuronpatch.local import generic_centre, subject_end  # noqa: E402
+from neuronpatch.local import LocalHparams, make_gates  # noqa: E402
 from neuronpatch.patch import Gate  # noqa: E402
+from neuronpatch.request import EditRequest  # noqa: E402
 from neuronpatch.runtime import _GateState, _state  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -69,10 +71,10 @@ PATCH_LAYERS = 27  # neurons are drawn from layers 0..26
 DELTA_SCALE = 1e-3
 TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
 GATED_COUNTS = (1, 100, 1000)
-GATE_LAYER = 1  # as method="local" (LocalHparams.gate_layer): rows sit in layers 2..26
-GATE_THRESHOLD = 0.75  # LocalHparams.gate_threshold
+# the default method's gates: a subject gate (layer 1, 0.75) that a query gate (the middle
+# layer, 0.9) requires; rows sit above the query gate's layer
+OPEN_REQUEST = EditRequest("The capital of France is", "France", "Rome")
 GATED_TARGETS = {1: 3.0, 1000: 12.0}  # max slowdown % with that many stacked gated patches
-OPEN_SUBJECT = "France"  # the open gate's key: this word's residual in PROMPTS[0]
 PROMPTS = [
     "The capital of France is",
     "In 1969, the first person to walk on the Moon was",
@@ -179,51 +181,57 @@ def make_gated_patch(
     seed: int,
     base: neuronpatch.BaseModelInfo,
     fp: torch.Tensor,
-    centre: torch.Tensor,
-    key: torch.Tensor | None = None,
+    gates: tuple[Gate, ...],
+    random_keys: bool = True,
 ) -> neuronpatch.Patch:
-    """A patch as method="local" makes one: 20 random neurons in layers 2..26, every row
-    guarded by one subject gate on layer 1 (``key``, default a random unit vector, and the
-    shared ``centre``; threshold 0.75)."""
+    """A patch as method="local" makes one: 20 random neurons above the last of ``gates``
+    (the default's subject and query gates), every row guarded by it. With ``random_keys``
+    each gate gets a random unit key (same layer, centre, threshold): such gates never open."""
     g = torch.Generator().manual_seed(20_000 + seed)
-    if key is None:
-        key = torch.randn(arch.hidden_size, generator=g)  # [hidden]
-        key = key / key.norm()
-    gate = Gate(GATE_LAYER, key, centre, GATE_THRESHOLD)
-    rows = _random_rows(arch, g, GATE_LAYER + 1)
+    if random_keys:
+        gates = tuple(
+            replace(gate, key=(key := torch.randn(arch.hidden_size, generator=g)) / key.norm())
+            for gate in gates
+        )
+    rows = _random_rows(arch, g, gates[-1].layer + 1)
+    guard = len(gates) - 1
     return neuronpatch.Patch(
         {
-            layer: (idx, deltas, torch.zeros(len(idx), dtype=torch.int64))  # all under gate 0
+            layer: (idx, deltas, torch.full((len(idx),), guard, dtype=torch.int64))
             for layer, (idx, deltas) in rows.items()
         },
         base,
         base_fingerprint=fp,
-        gates=(gate,),
+        gates=gates,
         method="benchmark",
     )
 
 
-def gate_vectors(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gates' shared centre (method="local"'s mean residual over generic text at
-    GATE_LAYER) and the open gate's key: OPEN_SUBJECT's centred residual in PROMPTS[0]."""
+def open_gates(model, tokenizer) -> tuple[Gate, ...]:
+    """The default method's gates for OPEN_REQUEST: open on PROMPTS[0] (its prompt)."""
     with torch.inference_mode():
-        centre = generic_centre(model, tokenizer, GATE_LAYER)  # [hidden]
-        ids = torch.tensor([tokenizer(PROMPTS[0]).input_ids])  # [1, S]
-        h = model(input_ids=ids, output_hidden_states=True).hidden_states[GATE_LAYER + 1][0]
-    position = subject_end(tokenizer, PROMPTS[0], OPEN_SUBJECT)
-    return centre.clone(), (h[position].float() - centre).clone()  # [hidden], [hidden]
+        return make_gates(model, tokenizer, OPEN_REQUEST, LocalHparams())
 
 
 def make_patch_sets(model, tokenizer, arch: ModelArch) -> PatchSets:
     name = model.config.name_or_path
     base, fp = _base(arch, name), fingerprint.compute(arch)
-    centre, open_key = gate_vectors(model, tokenizer)
+    gates = open_gates(model, tokenizer)
     # a random key's cosine with any centred residual is ~N(0, 1/hidden): these never open
-    gated = [make_gated_patch(arch, s, base, fp, centre) for s in range(max(GATED_COUNTS))]
+    gated = [make_gated_patch(arch, s, base, fp, gates) for s in range(max(GATED_COUNTS))]
     return PatchSets(
         make_patches(arch, max(PATCH_COUNTS), name),
         gated,
-        make_gated_patch(arch, -1, base, fp, centre, key=open_key),
+        make_gated_patch(arch, -1, base, fp, gates, random_keys=False),
+    )
+
+
+def describe_gates(gates: tuple[Gate, ...]) -> str:
+    """'subject gate on layer 1 (> 0.75), query gate on layer 15 (> 0.9) requiring gate 0'."""
+    return ", ".join(
+        f"{g.kind} gate on layer {g.layer} (> {g.threshold})"
+        + (f" requiring gate {g.requires}" if g.requires is not None else "")
+        for g in gates
     )
 
 
@@ -654,7 +662,7 @@ def gated_hook_breakdown(
 ) -> dict[str, Any]:
     """What gated patches' hooks add to one decode step (one new position per sequence).
 
-    The decoder pre-hook (new sequence or KV-cache step?), the gate hook on GATE_LAYER (every
+    The decoder pre-hook (new sequence or KV-cache step?), the gate hooks (every
     gate's cosine and the causal "seen" state), and the gated fold of every hooked layer,
     ``(q[..., idx] * open[..., col]) @ D``, plus nn.Module's dispatch of all those hooks.
     Open and closed gates cost the same: the rows are computed and multiplied by 1 or 0.
@@ -815,12 +823,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Greedy generation of {tp['new_tokens']} new tokens per sequence; each patch has "
         f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. A gated patch "
         f'(as method="local" makes one) has {NEURONS_PER_PATCH} random neurons in layers '
-        f"{GATE_LAYER + 1}..{PATCH_LAYERS - 1}, all guarded by one subject gate reading layer "
-        f'{GATE_LAYER} (threshold {GATE_THRESHOLD}, the generic-text centre method="local" '
-        "uses); `N gated` patches have random keys, so their gates stay closed on every prompt, "
-        f"and `{GATED_OPEN}`'s key is the residual of {OPEN_SUBJECT!r} in the first prompt, so "
-        "it opens there (on 1 of 8 sequences at batch 8). `gates open` = fraction of (sequence, "
-        "gate) pairs open at the end of generation. "
+        f"{results['setup']['gated_patch_layers']}, all guarded by the default method's gates: "
+        f"{results['setup']['gates']}; `N gated` patches have random keys, so their gates stay "
+        f"closed on every prompt, and `{GATED_OPEN}`'s gates are the default's for "
+        f"{OPEN_REQUEST.prompt!r} (subject {OPEN_REQUEST.subject!r}), the first prompt, so "
+        "they open there (on 1 of 8 sequences at batch 8). `gates open` = fraction of "
+        "(sequence, gate) pairs open at the end of generation. "
         f"{tp['repeats']} rounds (of {tp['repeats_requested']} requested), each running every "
         "configuration once in a random order. "
         "Ratio = median over rounds of tokens/s divided by the same round's unpatched "
@@ -1088,10 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts=PROMPTS,
             targets_max_slowdown_pct=targets(),
             gated_counts=list(GATED_COUNTS),
-            gate_layer=GATE_LAYER,
-            gate_threshold=GATE_THRESHOLD,
-            gated_patch_layers=f"{GATE_LAYER + 1}..{PATCH_LAYERS - 1}",
-            open_gate_subject=OPEN_SUBJECT,
+            gates=describe_gates(sets.gated_open.gates),
+            gated_patch_layers=f"{sets.gated_open.gates[-1].layer + 1}..{PATCH_LAYERS - 1}",
+            open_gate_request=OPEN_REQUEST.to_dict(),
         ),
     )
     results["file_size"] = file_size(sets.ungated[0], arch)
