@@ -27,6 +27,7 @@ DATA = {
 }
 # label -> (method, hyperparameter overrides of the method's defaults)
 SUBJECT = {"gate_key": "subject", "lr": 0.005}
+BOTH_LAYER1 = {"gate_key": "both", "lr": 0.01, "subject_layer": 1}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
@@ -49,15 +50,17 @@ VARIANTS = {
     ),
     "local: query gate": ("local", {"gate_key": "query", "lr": 0.005}),
     "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01}),
-    "local: subject + query gate, lr 1e-2": ("local", {"gate_key": "both", "lr": 0.01}),
+    # the subject gate at layer 1 (the default before the calibrated layer-4 one)
+    "local: subject + query gate, lr 1e-2": ("local", {**BOTH_LAYER1, "subject_threshold": 0.75}),
     "local: subject 0.4 + query gate, lr 1e-2": (
         "local",
-        {"gate_key": "both", "lr": 0.01, "subject_threshold": 0.4},
+        {**BOTH_LAYER1, "subject_threshold": 0.4},
     ),
     "local: calibrated subject + query gate, lr 1e-2": (
         "local",
-        {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated"},
+        {**BOTH_LAYER1, "subject_threshold": "calibrated"},
     ),
+    # the default
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
         {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated", "subject_layer": 4},

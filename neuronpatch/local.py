@@ -22,10 +22,19 @@ switchable in ``LocalHparams`` so its effect can be measured:
      paraphrases, whose wording differs from the prompt. Short prompts of the same relation
      about other subjects ("The currency of China is the" for an edit of Japan's) can match:
      the relation dominates their last token.
-   - ``"both"`` (the default): the query gate, open only where the subject gate (threshold
-     ``subject_threshold``) is open too. The conjunction shuts other relations of the subject
-     *and* the relation asked of other subjects (neighbourhood prompts shut: 100 %), at the
-     price of aliases the subject key does not recognise (alias prompts open: 68.3 %).
+   - ``"both"`` (the default): the query gate, open only where the subject gate is open too
+     (layer ``subject_layer``, threshold ``subject_threshold``: 1 and 0.75). The conjunction
+     shuts other relations of the subject *and* the relation asked of other subjects
+     (neighbourhood prompts shut: 100 %), at the price of aliases the subject key does not
+     recognise (alias prompts open: 68.3 %).
+
+     ``subject_threshold="calibrated"`` sets the subject threshold per edit: the highest cosine
+     the prompt reaches with each of ``OTHER_SUBJECTS`` in the subject's place (at least 0.3).
+     With ``subject_layer=4`` it opens far more alias prompts (gate-only, both models:
+     ``benchmarks/results/subject_gate_*.md``; end to end, smollm2 WikiData_cf SAA 74.6 ->
+     98.7), but it is not the default: entities of the subject's own kind sit nearer than any
+     fixed list ("The currency of China is the" opens an edit of Japan's, "The chemical
+     symbol for silver is" one of gold's), which a threshold of 0.75 at layer 1 keeps shut.
 
 2. **Neurons above the gate**: a gate must be known before the rows it guards run, so
    neurons are located in layers ``gate_layer + 1 .. L - frozen_layers - 1`` only.
@@ -106,7 +115,7 @@ OTHER_SUBJECTS = (
 )
 
 GATE_KEYS = ("subject", "query", "both")
-SUBJECT_GATE_LAYER = 1  # where a subject key is read (gate_key="subject" default, "both")
+SUBJECT_GATE_LAYER = 1  # where a subject key is read by default (gate_key "subject", "both")
 CALIBRATED = "calibrated"  # subject_threshold: set per edit from OTHER_SUBJECTS
 CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
 MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
