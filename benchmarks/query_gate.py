@@ -66,6 +66,18 @@ def prompts_of(record) -> dict[str, list[str]]:
     }
 
 
+def write(args, name: str, rows: list[dict], lines: list[str]) -> None:
+    """``rows`` to ``--out``.json and the table ``lines`` to ``--out``.md (default
+    ``results/NAME_MODEL``)."""
+    out = args.out or HERE / "results" / f"{name}_{args.model.split('-')[0]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=1)
+    )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -149,13 +161,7 @@ def main() -> None:
         lines.append(
             f"| {mark}{row['mode']}{mark} | {row['layer']} | {row['threshold']} | {cells} |"
         )
-    out = args.out or HERE / "results" / f"query_gate_{args.model.split('-')[0]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=1)
-    )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args, "query_gate", rows, lines)
 
 
 if __name__ == "__main__":

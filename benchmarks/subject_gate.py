@@ -22,11 +22,10 @@ Writes ``--out``.json / .md (default ``benchmarks/results/subject_gate_MODEL``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from query_gate import COUNTERFACT, KINDS, WIKI, hidden, prompts_of
+from query_gate import COUNTERFACT, KINDS, WIKI, hidden, prompts_of, write
 
 import neuronpatch
 from neuronpatch.gates import GateBank
@@ -181,13 +180,7 @@ def main() -> None:
             f"| {mark}{row['query']}{mark} | {row['layer']} | {row['subject threshold']} | "
             f"{cells} |"
         )
-    out = args.out or HERE / "results" / f"subject_gate_{args.model.split('-')[0]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=1)
-    )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args, "subject_gate", rows, lines)
 
 
 if __name__ == "__main__":
