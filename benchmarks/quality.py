@@ -50,7 +50,7 @@ VARIANTS = {
     ),
     "local: query gate": ("local", {"gate_key": "query", "lr": 0.005}),
     "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01}),
-    # the subject gate at layer 1 (the default before the calibrated layer-4 one)
+    # the default ("both": subject gate at layer 1, 0.75), pinned, and variants of its subject gate
     "local: subject + query gate, lr 1e-2": ("local", {**BOTH_LAYER1, "subject_threshold": 0.75}),
     "local: subject 0.4 + query gate, lr 1e-2": (
         "local",
@@ -60,7 +60,7 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated"},
     ),
-    # the default
+    # measured, not the default: same-kind neighbours open it (README)
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
         {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated", "subject_layer": 4},
