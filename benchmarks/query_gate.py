@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import neuronpatch
 from neuronpatch.gates import GateBank
-from neuronpatch.local import SUBJECT_GATE_LAYER, LocalHparams, generic_centre, subject_end
+from neuronpatch.local import SUBJECT_GATE_LAYER, LocalHparams, generic_centres, subject_end
 from neuronpatch.patch import Gate
 
 HERE = Path(__file__).resolve().parent
@@ -78,21 +79,28 @@ def write(args, name: str, rows: list[dict], lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(description: str) -> tuple[argparse.Namespace, Any, Any, list]:
+    """The gate benchmarks' command line (--model, --n, --out), the model in eval mode and
+    the first --n records of each dataset."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=60, help="records of each dataset")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, tokenizer = neuronpatch.load_model(args.model)
     model.eval()
-    num_layers = model.config.num_hidden_layers
-    layers = list(range(2, num_layers - 2))
-    centres = {layer: generic_centre(model, tokenizer, layer) for layer in [1, *layers]}
-    subject_threshold = LocalHparams().subject_threshold
     records = neuronpatch.load_records(WIKI, n=args.n) + neuronpatch.load_records(
         COUNTERFACT, n=args.n
     )
+    return args, model, tokenizer, records
+
+
+def main() -> None:
+    args, model, tokenizer, records = setup(__doc__.splitlines()[0])
+    num_layers = model.config.num_hidden_layers
+    layers = list(range(2, num_layers - 2))
+    centres = generic_centres(model, tokenizer, [1, *layers])
+    subject_threshold = LocalHparams().subject_threshold
     # counts[(layer, threshold, mode)][kind] = [gate did the right thing, prompts]
     counts: dict[tuple[int, float, str], dict[str, list[int]]] = {}
     for record in records:

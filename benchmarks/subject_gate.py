@@ -21,13 +21,9 @@ Writes ``--out``.json / .md (default ``benchmarks/results/subject_gate_MODEL``).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from query_gate import COUNTERFACT, KINDS, WIKI, hidden, prompts_of, write
+from query_gate import KINDS, hidden, prompts_of, setup, write
 
-import neuronpatch
 from neuronpatch.gates import GateBank
 from neuronpatch.local import (
     CALIBRATION_FLOOR,
@@ -40,7 +36,6 @@ from neuronpatch.local import (
 )
 from neuronpatch.patch import Gate
 
-HERE = Path(__file__).resolve().parent
 SUBJECT_LAYERS = (1, 2, 3, 4, 5, 6)
 FIXED = (0.4, 0.5, 0.6, 0.75)
 MARGINS = (0.0, 0.05, 0.1)  # added to a calibrated threshold
@@ -141,18 +136,9 @@ def rows_of(items: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--n", type=int, default=60, help="records of each dataset")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, tokenizer = neuronpatch.load_model(args.model)
-    model.eval()
+    args, model, tokenizer, records = setup(__doc__.splitlines()[0])
     num_layers = model.config.num_hidden_layers
-    records = neuronpatch.load_records(WIKI, n=args.n) + neuronpatch.load_records(
-        COUNTERFACT, n=args.n
-    )
     rows = rows_of(measure(model, tokenizer, records, num_layers))
     hp = LocalHparams()
     default = ("query", hp.subject_layer, str(hp.subject_threshold))
