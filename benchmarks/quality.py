@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +61,10 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated"},
     ),
+    "local: layer-4 subject + query gate, lr 1e-2": (
+        "local",
+        {"gate_key": "both", "lr": 0.01, "subject_layer": 4, "subject_threshold": 0.75},
+    ),
     # measured, not the default: same-kind neighbours open it (README)
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
@@ -96,46 +101,112 @@ def _slug(*parts: str) -> str:
 
 
 def run(
-    rows: list[tuple[str, str, str]], data_dir: Path, n: int, work: Path, fluency: bool
+    rows: list[tuple[str, str, str]],
+    data_dir: Path,
+    n: int,
+    work: Path,
+    fluency: bool,
+    device: str | None = None,
+    jobs: int = 1,
 ) -> None:
+    """Run each row's ``neuronpatch eval``; ``jobs`` > 1 runs that many at once (one GPU, say),
+    each logging to ``work/<row>.log``."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     STORE.mkdir(parents=True, exist_ok=True)
-    for model, dataset, variant in rows:
-        out = work / _slug(model, dataset, variant)
-        cmd = [
-            sys.executable,
-            "-m",
-            "neuronpatch",
-            "eval",
-            "--model",
-            model,
-            "--data",
-            str(data_dir / DATA[dataset]),
-            "--n",
-            str(n),
-            "-o",
-            str(out),
-        ]
-        cmd += [] if fluency else ["--no-fluency"]
-        method, overrides = VARIANTS[variant]
-        cmd += ["--method", method]
-        for key, value in overrides.items():
-            cmd += ["--hparam", f"{key}={json.dumps(value)}"]
-        subprocess.run(cmd, check=True, env=env)
-        (STORE / f"{_slug(model, dataset, variant)}.json").write_text(
-            (out / "summary.json").read_text()
-        )
+    work.mkdir(parents=True, exist_ok=True)
+    commands = {_slug(*row): _command(*row, data_dir, n, work, fluency, device) for row in rows}
+    if jobs <= 1:
+        for slug, cmd in commands.items():
+            subprocess.run(cmd, check=True, env=env)
+            _keep(work, slug)
+        return
+    pending, running, failed = list(commands.items()), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            slug, cmd = pending.pop(0)
+            log = open(work / f"{slug}.log", "w")  # noqa: SIM115 -- closed when the job ends
+            running[slug] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=log), log)
+        time.sleep(1)
+        for slug, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[slug]
+            if proc.returncode:
+                failed.append(slug)
+            else:
+                _keep(work, slug)
+    if failed:
+        raise SystemExit(f"rows failed (logs in {work}): {', '.join(failed)}")
+
+
+def _keep(work: Path, slug: str) -> None:
+    (STORE / f"{slug}.json").write_text((work / slug / "summary.json").read_text())
+
+
+def _command(
+    model: str,
+    dataset: str,
+    variant: str,
+    data_dir: Path,
+    n: int,
+    work: Path,
+    fluency: bool,
+    device: str | None,
+) -> list[str]:
+    out = work / _slug(model, dataset, variant)
+    cmd = [
+        sys.executable,
+        "-m",
+        "neuronpatch",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        str(data_dir / DATA[dataset]),
+        "--n",
+        str(n),
+        "-o",
+        str(out),
+    ]
+    cmd += [] if fluency else ["--no-fluency"]
+    cmd += ["--device", device] if device else []
+    method, overrides = VARIANTS[variant]
+    cmd += ["--method", method]
+    for key, value in overrides.items():
+        cmd += ["--hparam", f"{key}={json.dumps(value)}"]
+    return cmd
 
 
 def _cell(metric: dict | None, pre: bool = False) -> str:
     value = (metric or {}).get("pre" if pre else "post")
-    return "—" if not value else f"{value['mean']:.1f} ± {(value['high'] - value['low']) / 2:.1f}"
+    if not value:
+        return "—"
+    if value.get("low") is None:  # one record: no interval
+        return f"{value['mean']:.1f}"
+    return f"{value['mean']:.1f} ± {(value['high'] - value['low']) / 2:.1f}"
+
+
+def _device(summary: dict) -> str:
+    device = summary.get("device", "cpu")  # rows written before the field existed ran on CPU
+    return "H200" if "H200" in device else device
+
+
+def _speed(summary: dict) -> str:
+    """Seconds per edit, for CPU rows only: the GPU rows shared one card seven ways."""
+    if _device(summary) != "cpu":
+        return "—"
+    return f"{summary['seconds_per_edit_median']:.1f}"
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
 
 
 def collate() -> None:
     collected, lines = [], []
     header = "| model | data | row | n | " + " | ".join(t for _, t in COLUMNS)
-    header += " | s/edit | params | bytes | peak MiB |"
+    header += " | s/edit | params | bytes | peak MiB | ran on |"
     for model in MODELS:
         for dataset in DATA:
             pre_done = False
@@ -150,26 +221,30 @@ def collate() -> None:
                     lines.append(
                         f"| {model} | {dataset} | pre-edit | {s['n']} | "
                         + " | ".join(_cell(metrics.get(k), pre=True) for k, _ in COLUMNS)
-                        + " | | | | |"
+                        + " | | | | | |"
                     )
                     pre_done = True
                 lines.append(
                     f"| {model} | {dataset} | {variant} | {s['n']} | "
                     + " | ".join(_cell(metrics.get(k)) for k, _ in COLUMNS)
-                    + f" | {s['seconds_per_edit_median']:.1f} | {s['params_per_edit_mean']:,.0f}"
-                    + f" | {s['patch_bytes_mean']:,.0f} | {s['peak_rss_mib']:,.0f} |"
+                    + f" | {_speed(s)} | {s['params_per_edit_mean']:,.0f}"
+                    + f" | {s['patch_bytes_mean']:,.0f} | {_number(s.get('peak_rss_mib'))}"
+                    + f" | {_device(s)} |"
                 )
     for label, values in PAPER.items():
         cells = " | ".join("—" if v is None else f"{v:.1f}" for v in values)
-        lines.append(f"| {label} | wiki_cf (test) | | | {cells} | | | | |")
+        lines.append(f"| {label} | wiki_cf (test) | | | {cells} | | | | | |")
     md = [
         "# Quality: KnowEdit metrics on the embedded models",
         "",
         "Post-edit mean x100 ± half-width of the 95% CI; locality = agreement with the unedited",
         "model's argmax. Our WikiData_counterfact is the *train* split (the test split is not",
         "available here); the paper rows are other models on the test split: compare shape only.",
-        "Targets: Edit >= 99, RSA >= 90, fluency within 3 % of pre-edit. Rows present so far",
-        "are n=30 without fluency (runs stopped by time); the full table needs --n 300.",
+        "Targets: Edit >= 99, RSA >= 90, fluency within 3 % of pre-edit. Rows ran on CPU at",
+        "n=30 without fluency, except the rows marked H200: those ran with fluency on one H200",
+        "shared by seven evaluations at once (`--device cuda --jobs 7`) and were stopped by the",
+        "device-time limit at n=75-90 (their s/edit is not a speed figure). The full table",
+        "needs --n 300.",
         "Located-neuron histograms per run (the paper's Figure 4): `quality/plots/`.",
         "",
         header,
@@ -191,6 +266,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--no-fluency", action="store_true")
     parser.add_argument("--collate-only", action="store_true")
+    parser.add_argument("--device", help="passed to eval: cpu (default), cuda, ...")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once (e.g. on a GPU)")
     args = parser.parse_args()
     rows = [
         (m, d, v)
@@ -200,7 +277,7 @@ def main() -> None:
         if (not args.only or args.only in f"{m} {d} {v}") and (not args.rows or v in args.rows)
     ]
     if not args.collate_only:
-        run(rows, args.data_dir, args.n, args.work, not args.no_fluency)
+        run(rows, args.data_dir, args.n, args.work, not args.no_fluency, args.device, args.jobs)
     collate()
 
 

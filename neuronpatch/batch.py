@@ -373,7 +373,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise BatchError(f"{args.requests}: no requests to edit")
     hparams = _parse_hparams(args.hparam)
     make_hparams(args.method, None, **hparams)  # bad hyperparameters fail before loading
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.device)
     result = run_batch(model, tokenizer, requests, args.output, args.method, hparams)
     print(result.summary())
     if args.stack:

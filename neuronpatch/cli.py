@@ -32,11 +32,12 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
     return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def _load(name: str):
+def _load(name: str, device: str | None = None):
     started = time.perf_counter()
     print(f"loading {name} ...", file=sys.stderr)
-    model, tokenizer = load_model(name)
-    print(f"loaded {name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    model, tokenizer = load_model(name, device=device)
+    where = f" on {device}" if device else ""
+    print(f"loaded {name}{where} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return model, tokenizer
 
 
@@ -94,7 +95,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target}
     if args.target_true:
         request["target_true"] = args.target_true
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.device)
     before = _greedy(model, tokenizer, args.prompt)
     patch = _run_edit(model, tokenizer, request, args.method, _parse_hparams(args.hparam))
     _print_neurons(patch)
@@ -225,6 +226,10 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     p.add_argument(
+        "--device",
+        help="where the model runs: cpu, cuda, cuda:1, mps ... (default: cpu)",
+    )
+    p.add_argument(
         "--hparam",
         action="append",
         default=[],
@@ -275,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="edit a fact on the embedded model and show before/after")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    p.add_argument(
+        "--device",
+        help="where the model runs: cpu, cuda, cuda:1, mps ... (default: cpu)",
+    )
     p.add_argument("-o", "--output", default="edits/demo.safetensors")
     p.set_defaults(func=cmd_demo)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import resolve
+from .arch import device_of, resolve
 from .datasets import FORMATS, EditRecord, load_records
 from .editor import DEFAULT_METHOD, edit, make_hparams
 from .errors import InvalidRequestError, NeuronpatchError
@@ -145,6 +145,7 @@ def evaluate(
     results = [done[i] for i in ids]
     summary = summarize(results, num_layers=resolve(model).num_layers)
     summary.update(config)
+    summary["device"] = _device_name(model)
     if out is not None:
         write_outputs(summary, out)
     return summary
@@ -359,6 +360,14 @@ def summarize(results: Sequence[Mapping[str, Any]], num_layers: int | None = Non
     return _jsonable(summary)
 
 
+def _device_name(model: nn.Module) -> str:
+    """Where the edits ran, for the summary: "cpu", or e.g. "cuda (NVIDIA H200)"."""
+    device = device_of(model)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def _peak_rss_mib() -> float | None:
     """The process's peak resident memory so far (model loading included)."""
     try:
@@ -564,7 +573,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise EvaluationError(f"{args.data}: no records to evaluate")
     hparams = _parse_hparams(args.hparam)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.device)
     summary = evaluate(
         model,
         tokenizer,

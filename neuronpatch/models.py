@@ -79,6 +79,8 @@ def load_model(
     """Return ``(model, tokenizer)`` for an embedded name, a local folder, or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None:
+        _check_device(name, device)  # before minutes of loading, not after
     if name in EMBEDDED:
         folder = _converted_folder(EMBEDDED[name])
     elif Path(name).exists():
@@ -103,6 +105,23 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _check_device(name: str, device: str | torch.device) -> None:
+    """Refuse a device string torch cannot parse, or an accelerator this machine lacks."""
+    try:
+        kind = torch.device(device).type
+        available = kind in ("cpu", "meta") or getattr(torch, kind).is_available()
+    except (RuntimeError, AttributeError) as exc:
+        reason = str(exc)
+    else:
+        if available:
+            return
+        reason = f"this torch build has no usable {kind} device"
+    raise ModelLoadError(
+        f"cannot put {name!r} on device {str(device)!r}: {reason}; "
+        "use one this machine has (cpu, or cuda when torch.cuda.is_available())"
+    )
 
 
 def _converted_folder(spec: EmbeddedModel) -> Path:

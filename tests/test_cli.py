@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import neuronpatch
 from neuronpatch.cli import build_parser, main
+from neuronpatch.errors import ModelLoadError
 
 
 @pytest.mark.parametrize("command", ["edit", "generate", "inspect", "demo"])
@@ -100,3 +103,22 @@ def test_demo_edits_and_restores(smollm2, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "every completion is the original again: True" in text
     assert "Rome" in text.split("with patch")[1]
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:0" if not torch.cuda.is_available() else "gpu1"])
+def test_load_model_refuses_a_device_this_machine_lacks(device):
+    # refused before any weights are read, naming the device and what to use instead
+    with pytest.raises(ModelLoadError, match=f"device '{device}'.*use one this machine has"):
+        neuronpatch.load_model("smollm2-135m", device=device)
+
+
+@pytest.mark.parametrize("command", ["edit", "eval", "batch"])
+def test_editing_commands_take_a_device(command):
+    required = {
+        "edit": ["--prompt", "p", "--subject", "s", "--target", "t", "-o", "x.safetensors"],
+        "eval": ["--data", "d.json", "-o", "out"],
+        "batch": ["r.jsonl", "-o", "out"],
+    }[command]
+    args = build_parser().parse_args([command, *required, "--device", "cuda:1"])
+    assert args.device == "cuda:1"
+    assert build_parser().parse_args([command, *required]).device is None  # cpu by default
