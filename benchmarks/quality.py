@@ -28,7 +28,8 @@ DATA = {
 }
 # label -> (method, hyperparameter overrides of the method's defaults)
 SUBJECT = {"gate_key": "subject", "lr": 0.005}
-BOTH_LAYER1 = {"gate_key": "both", "lr": 0.01, "subject_layer": 1}
+# query gates open to the end of the sequence, as before spans (query_span None)
+BOTH_LAYER1 = {"gate_key": "both", "lr": 0.01, "subject_layer": 1, "query_span": None}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
@@ -49,9 +50,9 @@ VARIANTS = {
         "local",
         {**SUBJECT, "specific_neurons": True, "negatives_weight": 1.0},
     ),
-    "local: query gate": ("local", {"gate_key": "query", "lr": 0.005}),
-    "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01}),
-    # the default ("both": subject gate at layer 1, 0.75), pinned, and variants of its subject gate
+    "local: query gate": ("local", {"gate_key": "query", "lr": 0.005, "query_span": None}),
+    "local: query gate, lr 1e-2": ("local", {"gate_key": "query", "lr": 0.01, "query_span": None}),
+    # the default before spans ("both": subject gate at layer 1, 0.75), pinned, and variants
     "local: subject + query gate, lr 1e-2": ("local", {**BOTH_LAYER1, "subject_threshold": 0.75}),
     "local: subject 0.4 + query gate, lr 1e-2": (
         "local",
@@ -61,14 +62,19 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated"},
     ),
+    # the default: as above with the query gate open on the answer's positions only
+    "local: subject + query gate spanning the target, lr 1e-2": (
+        "local",
+        {**BOTH_LAYER1, "subject_threshold": 0.75, "query_span": "target"},
+    ),
     "local: layer-4 subject + query gate, lr 1e-2": (
         "local",
-        {"gate_key": "both", "lr": 0.01, "subject_layer": 4, "subject_threshold": 0.75},
+        {**BOTH_LAYER1, "subject_layer": 4, "subject_threshold": 0.75},
     ),
     # measured, not the default: same-kind neighbours open it (README)
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
-        {"gate_key": "both", "lr": 0.01, "subject_threshold": "calibrated", "subject_layer": 4},
+        {**BOTH_LAYER1, "subject_threshold": "calibrated", "subject_layer": 4},
     ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),

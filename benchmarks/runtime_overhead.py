@@ -252,9 +252,9 @@ def gates_open(model) -> float | None:
     (None without gates): checks that the "closed" gates stay closed and the open one opens."""
     state = _state(model)
     gates = state.gates if state is not None else None
-    if gates is None or gates.carried is None:
+    if gates is None or gates.open is None:
         return None
-    return float(gates.carried.float().mean())
+    return float(gates.open[:, -1].float().mean())
 
 
 # --- generation throughput ---------------------------------------------------------------

@@ -149,8 +149,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     for g, gate in enumerate(patch.gates):
         print(
-            f"  gate {g}   {gate.kind}: open from the first position whose residual after layer "
-            f"{gate.layer} has cosine > {gate.threshold} with the key"
+            f"  gate {g}   {gate.kind}: open "
+            + ("from the first" if gate.span is None else f"for {gate.span} positions from each")
+            + f" position whose residual after layer {gate.layer} has cosine > {gate.threshold}"
+            + " with the key"
             + ("" if gate.requires is None else f", where gate {gate.requires} is open too")
         )
     if patch.metrics:

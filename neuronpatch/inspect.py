@@ -64,6 +64,7 @@ def describe(
         "gates": [
             {"kind": g.kind, "layer": g.layer, "threshold": g.threshold}
             | ({} if g.requires is None else {"requires": g.requires})
+            | ({} if g.span is None else {"span": g.span})
             for g in patch.gates
         ],
     }

@@ -36,6 +36,13 @@ switchable in ``LocalHparams`` so its effect can be measured:
      fixed list ("The currency of China is the" opens an edit of Japan's, "The chemical
      symbol for silver is" one of gold's), which a threshold of 0.75 at layer 1 keeps shut.
 
+   The query gate has a **span** (``query_span="target"``, the default): it is open on the
+   target's token count of positions from its match, i.e. on the answer, and text generated
+   after the answer runs on the unedited model. Without it (``query_span=None``) the gate
+   stays open to the end of the sequence, and sampled continuations drift into repeating
+   the new answer: smollm2 fluency 605 -> 450 on WikiData_cf and 602 -> 430 on ZsRE (n=75,
+   H200 rows of ``benchmarks/results/quality.md``), like plain FiNE's 448.
+
 2. **Neurons above the gate**: a gate must be known before the rows it guards run, so
    neurons are located in layers ``gate_layer + 1 .. L - frozen_layers - 1`` only.
 3. **Locality term** (``negatives_weight``): KL(unedited || edited) on the same subject in
@@ -117,6 +124,7 @@ OTHER_SUBJECTS = (
 GATE_KEYS = ("subject", "query", "both")
 SUBJECT_GATE_LAYER = 1  # where a subject key is read by default (gate_key "subject", "both")
 CALIBRATED = "calibrated"  # subject_threshold: set per edit from OTHER_SUBJECTS
+TARGET_SPAN = "target"  # query_span: the target's token count
 CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
 MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
@@ -137,6 +145,10 @@ class LocalHparams(FineHparams):
     # edit: the highest cosine the prompt reaches with OTHER_SUBJECTS in the subject's place)
     subject_layer: int = SUBJECT_GATE_LAYER
     subject_threshold: float | str = 0.75
+    # positions a query gate stays open from a match: "target" (the target's token count,
+    # i.e. the answer's positions; later generated text runs unedited), a number, or None
+    # (to the end of the sequence, as gates did before spans)
+    query_span: int | str | None = TARGET_SPAN
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
@@ -157,6 +169,15 @@ class LocalHparams(FineHparams):
                 )
             if value is not None and not -1.0 < value < 1.0:
                 raise InvalidHparamsError(f"{name} must lie strictly between -1 and 1, got {value}")
+        span = self.query_span
+        if (
+            span != TARGET_SPAN
+            and span is not None
+            and (isinstance(span, bool) or not isinstance(span, int) or span < 1)
+        ):
+            raise InvalidHparamsError(
+                f"query_span must be {TARGET_SPAN!r}, a whole number >= 1 or None, got {span!r}"
+            )
         if self.subject_layer < 0:
             raise InvalidHparamsError(f"subject_layer must be >= 0, got {self.subject_layer}")
         if self.gate_layer is not None and self.gate_layer < 0:
@@ -254,6 +275,9 @@ def make_gates(
     centres = generic_centres(model, tokenizer, layers)  # {layer: [hidden]}
     ids = torch.tensor([tokenizer(request.prompt).input_ids], device=device_of(model))
     states = _residuals(model, ids, layers)  # {layer: [1, S, hidden]}
+    span = hp.query_span
+    if span == TARGET_SPAN:  # the answer's positions: the prompt's last, then the target's
+        span = len(teacher_forced(tokenizer, request.prompt, request.target_new).answer_ids)
     gates: list[Gate] = []
     for kind, at, threshold in specs:
         h = states[at][0]  # [S, hidden]
@@ -262,7 +286,15 @@ def make_gates(
         else:
             position = h.shape[0] - 1
         requires = 0 if gates else None  # "both": the query gate requires the subject gate
-        gate = Gate(at, h[position] - centres[at], centres[at], 0.0, kind, requires)
+        gate = Gate(
+            at,
+            h[position] - centres[at],
+            centres[at],
+            0.0,
+            kind,
+            requires,
+            span if kind == "query" else None,
+        )
         if threshold == CALIBRATED:
             threshold = calibrated_threshold(model, tokenizer, request, gate)
         gates.append(replace(gate, threshold=threshold))

@@ -34,8 +34,10 @@ from .errors import (
 )
 
 FORMAT_NAME = "neuronpatch"
-FORMAT_VERSION = 2  # written only by gated patches; ungated ones are still version 1
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 3 only where a gate has a span, 2 for other gated patches, 1 for ungated ones
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+_GATED_VERSIONS = ("2", "3")
 GATE_KINDS = ("subject", "query")  # same run-time semantics; the key's origin differs
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -80,7 +82,9 @@ class Gate:
     last token) behave alike: read the residual stream ``h`` output by decoder layer
     ``layer``; a position *matches* when ``cos(h - centre, key) > threshold``; the gate is open
     at every position from the first match of the sequence on (and through later KV-cache
-    steps). With ``requires`` = r it is open only where gate r of the same patch is open too.
+    steps), or with ``span`` = s only at the s positions from each match on (a match at t
+    opens t .. t + s - 1: v3). With ``requires`` = r it is open only where gate r of the same
+    patch is open too.
     """
 
     layer: int
@@ -90,6 +94,8 @@ class Gate:
     kind: str = "subject"
     # index of an earlier gate of the same patch that must be open too (a conjunction)
     requires: int | None = None
+    # positions the gate stays open from a match on; None: to the end of the sequence
+    span: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("key", "centre"):
@@ -100,8 +106,8 @@ class Gate:
 
     def equals(self, other: Gate) -> bool:
         return (
-            (self.kind, self.layer, self.threshold, self.requires)
-            == (other.kind, other.layer, other.threshold, other.requires)
+            (self.kind, self.layer, self.threshold, self.requires, self.span)
+            == (other.kind, other.layer, other.threshold, other.requires, other.span)
             and torch.equal(self.key, other.key)
             and torch.equal(self.centre, other.centre)
         )
@@ -218,14 +224,15 @@ class Patch:
             if self.gates and ld.gate_ids is not None:
                 tensors[f"layers.{layer}.gate_ids"] = ld.gate_ids
         for g, gate in enumerate(self.gates):
-            tensors[f"gates.{g}.key"] = gate.key
-            tensors[f"gates.{g}.centre"] = gate.centre
+            # copies: gates of a stack may share one tensor, which safetensors refuses to save
+            tensors[f"gates.{g}.key"] = gate.key.clone()
+            tensors[f"gates.{g}.centre"] = gate.centre.clone()
         if self.base_fingerprint is not None:
             tensors[_FINGERPRINT] = self.base_fingerprint
         metadata = {
             "format": FORMAT_NAME,
             # version 1 bytes stay exactly as they were for every ungated patch
-            "format_version": "2" if self.gates else "1",
+            "format_version": _version_of(self.gates),
             "base_model": _dumps(self.base.__dict__),
             "requests": _dumps(list(self.requests)),
             "method": self.method,
@@ -307,11 +314,11 @@ class Patch:
         fingerprint = tensors.pop(_FINGERPRINT, None)
         for name, tensor in tensors.items():
             match = _TENSOR_NAME.match(name)
-            gate_match = _GATE_TENSOR.match(name) if version == "2" else None
+            gate_match = _GATE_TENSOR.match(name) if version in _GATED_VERSIONS else None
             if gate_match is not None:
                 gate_tensors.setdefault(int(gate_match.group(1)), {})[gate_match.group(2)] = tensor
                 continue
-            if match is None or (match.group(2) == "gate_ids" and version != "2"):
+            if match is None or (match.group(2) == "gate_ids" and version not in _GATED_VERSIONS):
                 raise CorruptPatchError(f"{source} holds an unexpected tensor {name!r}")
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
         gates = _read_gates(meta, gate_tensors, version, source)
@@ -508,6 +515,12 @@ def _validate_gate(g: int, gate: Gate, base: BaseModelInfo, where: str) -> None:
             f"{where}: gate {g} threshold {threshold} is out of range; a cosine threshold "
             "must lie strictly between -1 and 1"
         )
+    span = gate.span
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        raise GateError(
+            f"{where}: gate {g} span must be a whole number of positions >= 1 (or None: open "
+            f"to the end of the sequence), got {span!r}"
+        )
 
 
 def _validate_requires(g: int, gate: Gate, gates: tuple[Gate, ...], where: str) -> None:
@@ -551,7 +564,7 @@ def _validate_gate_ids(
 def _read_gates(
     meta: dict[str, Any], tensors: dict[int, dict[str, torch.Tensor]], version: str, source: str
 ) -> tuple[Gate, ...]:
-    if version != "2":
+    if version not in _GATED_VERSIONS:
         return ()
     specs = _field(meta, "gates", list, source)
     if sorted(tensors) != list(range(len(specs))):
@@ -572,7 +585,15 @@ def _read_gates(
         requires = spec.get("requires")
         if "requires" in spec and (isinstance(requires, bool) or not isinstance(requires, int)):
             raise CorruptPatchError(f"{source}: gate {g} requires must be a gate index")
-        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires))
+        span = spec.get("span")
+        if "span" in spec and version == "2":
+            raise CorruptPatchError(
+                f"{source}: gate {g} has a span, which format version 2 does not define "
+                "(a gate with a span is written as version 3)"
+            )
+        if "span" in spec and (isinstance(span, bool) or not isinstance(span, int)):
+            raise CorruptPatchError(f"{source}: gate {g} span must be an integer")
+        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires, span))
     return tuple(gates)
 
 
@@ -583,7 +604,16 @@ def _gate_spec(gate: Gate) -> dict[str, Any]:
     spec = {"kind": gate.kind, "layer": gate.layer, "threshold": gate.threshold}
     if gate.requires is not None:  # absent, not null: gates without it keep their old bytes
         spec["requires"] = gate.requires
+    if gate.span is not None:  # likewise: only version-3 gates carry it
+        spec["span"] = gate.span
     return spec
+
+
+def _version_of(gates: tuple[Gate, ...]) -> str:
+    """The oldest format version that holds ``gates`` (older files keep their bytes)."""
+    if any(g.span is not None for g in gates):
+        return "3"
+    return "2" if gates else "1"
 
 
 def _content_hash(patch: Patch) -> str:
@@ -599,6 +629,8 @@ def _content_hash(patch: Patch) -> str:
         h.update(f"|gate|{gate.kind}|{gate.layer}|{gate.threshold!r}|".encode())
         if gate.requires is not None:
             h.update(f"requires|{gate.requires}|".encode())
+        if gate.span is not None:
+            h.update(f"span|{gate.span}|".encode())
         h.update(gate.key.numpy().tobytes() + gate.centre.numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -17,6 +17,7 @@ keeps it across KV-cache steps.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -73,8 +74,11 @@ class _GateState:
     step: dict | None = None  # set by the decoder pre-hook for the forward pass under way
     open: torch.Tensor | None = None  # bool [B, T, count] for the forward pass under way
     valid: torch.Tensor | None = None  # bool [B, T]: non-padding positions of that pass
-    before: torch.Tensor | None = None  # bool [B, count]: carried in from earlier KV steps
-    carried: torch.Tensor | None = None  # bool [B, count]: open at the last position so far
+    # float [B, count]: each gate's age (positions since its last match, inf: none) at the
+    # last position of the earlier KV steps (``before``), and of this pass so far (``last``)
+    before: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    carried: torch.Tensor | None = None  # ``last`` of the finished pass: the next step's before
 
 
 @dataclass
@@ -471,14 +475,17 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int, highest: int):
                 else None
             )  # [B, T]
             gates.before = carried
+            gates.last = torch.full((batch, gates.count), math.inf, device=h.device)
         before = gates.before[:, columns] if gates.before is not None else None
-        gates.open[..., columns] = bank.open(h, gates.valid, before)
+        age = bank.ages(h, gates.valid, before)  # [B, T, G]
+        gates.last[:, columns] = age[:, -1]
+        gates.open[..., columns] = age < bank.spans
         conjunction = gates.requires.get(layer)
         if conjunction is not None:  # the required gates read lower layers: already known
             cols, required = conjunction
             gates.open[..., cols] &= gates.open[..., required]
-        if layer == highest:
-            gates.carried = gates.open[:, -1]  # [B, count]
+        if layer == highest:  # raw ages: a gate's requirement is checked at each position
+            gates.carried = gates.last  # [B, count]
 
     return compute_gates
 

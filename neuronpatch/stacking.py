@@ -252,6 +252,7 @@ def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
                 gate.key.numpy().tobytes(),
                 gate.centre.numpy().tobytes(),
                 gate.requires,
+                gate.span,
             )
             candidates = by_bytes.setdefault(key, [])
             hit = next((g for g in candidates if g not in mapping and gates[g].equals(gate)), None)

@@ -165,7 +165,7 @@ def test_read_requests_plain_jsonl_and_knowedit(tmp_path):
 
 
 def test_cli_batch_reports_failures_and_stacks_the_successes(model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("neuronpatch.cli._load", lambda name: (model, TinyTokenizer()))
+    monkeypatch.setattr("neuronpatch.cli._load", lambda name, device=None: (model, TinyTokenizer()))
     data = tmp_path / "requests.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [REQUESTS[0], BAD, REQUESTS[1]]))
     out, stacked = tmp_path / "patches", tmp_path / "stack.safetensors"

@@ -336,7 +336,7 @@ def test_repeated_record_ids_are_refused(tiny, records):
 def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
     model, tok = tiny
     data = tmp_path / "knowedit.json"  # written by the records fixture
-    monkeypatch.setattr(neuronpatch.cli, "_load", lambda name: (model, tok))
+    monkeypatch.setattr(neuronpatch.cli, "_load", lambda name, device=None: (model, tok))
     parser = argparse.ArgumentParser()
     add_eval_subparser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(

@@ -316,3 +316,141 @@ def test_bad_required_gates_are_refused(requires, layer, message):
     bad = Gate(layer, second.key, second.centre, 0.5, "query", requires)
     with pytest.raises(GateError, match=message):
         Patch(patch.layers, patch.base, gates=(first, bad))
+
+
+# --- spans (format v3): a gate open only for `span` positions from each match -------------
+
+
+def open_reference(model, patch: Patch, ids: torch.Tensor, open_at: list[int]) -> torch.Tensor:
+    """Logits with ``patch``'s rows added only at the positions ``open_at``, by plain hooks."""
+    arch = neuronpatch.arch.resolve(model)
+    open_ = torch.zeros(ids.shape[1])
+    open_[open_at] = 1.0
+
+    def add(ld):
+        def hook(module, args, output):
+            q = args[0]
+            rows = q[..., ld.neuron_indices] * open_.reshape(*([1] * (q.dim() - 2)), -1, 1)
+            return output + rows @ ld.deltas
+
+        return hook
+
+    handles = [
+        arch.w_out[layer].register_forward_hook(add(ld)) for layer, ld in patch.layers.items()
+    ]
+    try:
+        return logits(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_gate_ages_and_spans_by_hand():
+    from neuronpatch.gates import GateBank
+
+    key = torch.tensor([1.0, 0.0])
+    bank = GateBank([Gate(0, key, torch.zeros(2), 0.5, span=2)], torch.device("cpu"))
+    matches = [0, 1, 0, 0, 0, 1, 0, 0]
+    h = torch.tensor([[[1.0, 0.0] if m else [0.0, 1.0] for m in matches]])  # [1, 8, 2]
+    inf = float("inf")
+    assert bank.ages(h)[0, :, 0].tolist() == [inf, 0, 1, 2, 3, 0, 1, 2]
+    assert bank.open(h)[0, :, 0].tolist() == [False, True, True, False, False, True, True, False]
+    # an earlier KV step left the gate at age 0 (it matched on the last position fed)
+    before = torch.tensor([[0.0]])
+    assert bank.ages(h, before=before)[0, :1, 0].tolist() == [1.0]
+    assert bank.open(h, before=before)[0, 0, 0]
+    # padding never matches: its positions only age
+    valid = torch.tensor([[True] * 5 + [False] * 3])
+    assert bank.open(h, valid)[0, :, 0].tolist() == [False, True, True] + [False] * 5
+    # no span: open from the first match on, as in version 2
+    sticky = GateBank([Gate(0, key, torch.zeros(2), 0.5)], torch.device("cpu"))
+    assert sticky.open(h)[0, :, 0].tolist() == [False] + [True] * 7
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_a_span_gate_adds_its_rows_at_span_positions_from_the_match(model_type):
+    model = build_tiny(model_type)
+    patch = make_patch(model, scale=2.0)
+    base = logits(model, IDS)
+    gate = key_gate(model, IDS, position=4)
+    windowed = Gate(gate.layer, gate.key, gate.centre, gate.threshold, span=3)
+    with neuronpatch.applied(model, gated(patch, windowed)):
+        out = logits(model, IDS)
+    expected = open_reference(model, ungated_part(patch), IDS, open_at=[4, 5, 6])
+    assert torch.allclose(out[:, :4], base[:, :4], atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # positions 7.. differ from the base only through attention to the edited ones: the
+    # reference that edits 4.. (the sticky gate) is another function
+    sticky = open_reference(model, ungated_part(patch), IDS, open_at=list(range(4, 10)))
+    assert not torch.allclose(out[:, 7:], sticky[:, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("span", [None, 2])
+def test_kv_cached_steps_equal_a_full_pass_even_when_the_query_matches_first(span):
+    # the query gate (layer 1) matches at 2, before its required subject gate (layer 0)
+    # opens at 6: one full pass opens from 6 on (span None) or not at all (span 2: the
+    # query's window has passed). Feeding one token at a time must give the same logits.
+    model = build_tiny("llama")
+    patch = conjunction(model, subject_at=6, query_at=2)
+    subject, query = patch.gates
+    query = Gate(query.layer, query.key, query.centre, query.threshold, "query", 0, span)
+    patch = Patch(patch.layers, patch.base, gates=(subject, query), method="test")
+    with neuronpatch.applied(model, patch), torch.no_grad():
+        full = model(input_ids=IDS).logits  # [1, T, vocab]
+        cache, steps = None, []
+        for t in range(IDS.shape[1]):
+            out = model(input_ids=IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-4)
+    base = logits(model, IDS)
+    assert torch.equal(full[:, :6], base[:, :6])
+    assert torch.allclose(full, base, atol=1e-6) == (span == 2)
+
+
+def test_span_gates_are_format_version_3_and_round_trip(tmp_path, monkeypatch):
+    from neuronpatch.stacking import stack, unstack
+
+    model = build_tiny("llama")
+    gate = key_gate(model, IDS, position=4)
+    windowed = Gate(gate.layer, gate.key, gate.centre, gate.threshold, "query", span=5)
+    patch = gated(make_patch(model), windowed)
+    path = patch.save(tmp_path / "w.safetensors")
+    raw = path.read_bytes()
+    assert b'"format_version":"3"' in raw[:4096] and b'\\"span\\":5' in raw[:4096]
+    loaded = Patch.load(path)
+    assert loaded.to_bytes() == raw and loaded.gates[0].span == 5
+    assert loaded.patch_id != gated(make_patch(model), gate).patch_id  # the span is content
+    assert describe(loaded)["gates"][0]["span"] == 5
+    other = gated(make_patch(model, seed=3), gate)  # v2 beside v3 in one stack
+    stacked = stack([patch, other])
+    assert [g.span for g in stacked.gates] == [5, None]
+    assert b'"format_version":"3"' in stacked.to_bytes()[:4096]
+    assert [p.to_bytes() for p in unstack(stacked)] == [raw, other.to_bytes()]
+    # a reader that knows only versions 1 and 2 refuses it rather than open it for ever
+    monkeypatch.setattr(neuronpatch.patch, "SUPPORTED_FORMAT_VERSIONS", (1, 2))
+    with pytest.raises(FormatVersionError, match="Upgrade neuronpatch"):
+        Patch.load(path)
+
+
+def test_a_version_2_file_with_a_span_is_refused(tmp_path):
+    from neuronpatch.errors import CorruptPatchError
+
+    model = build_tiny("llama")
+    gate = key_gate(model, IDS, position=4)
+    windowed = Gate(gate.layer, gate.key, gate.centre, gate.threshold, span=5)
+    raw = gated(make_patch(model), windowed).to_bytes()
+    forged = raw.replace(b'"format_version":"3"', b'"format_version":"2"')
+    assert forged != raw
+    with pytest.raises(CorruptPatchError, match="version 2 does not define"):
+        Patch.from_bytes(forged)
+
+
+@pytest.mark.parametrize("span", [0, -2, True, 2.5, "3"])
+def test_bad_spans_are_refused(span):
+    patch = make_patch(build_tiny("llama"), layers=[2])
+    ld = patch.layers[2]
+    rows = {2: LayerDelta(ld.neuron_indices, ld.deltas, torch.zeros_like(ld.neuron_indices))}
+    gate = Gate(0, torch.ones(32), torch.zeros(32), 0.5, span=span)
+    with pytest.raises(GateError, match="span must be a whole number"):
+        Patch(rows, patch.base, gates=(gate,))

@@ -19,6 +19,7 @@ from neuronpatch.local import (
     CALIBRATION_FLOOR,
     OTHER_SUBJECTS,
     LocalHparams,
+    _gate_fn,
     _residual,
     generic_centre,
     locate_specific,
@@ -27,6 +28,7 @@ from neuronpatch.local import (
 )
 from neuronpatch.patch import Patch
 from neuronpatch.request import EditRequest
+from neuronpatch.tokens import teacher_forced
 
 TINY = {"prompt": "alpha beta gamma", "subject": "beta", "target_new": "delta epsilon"}
 # the tiny models have 3 layers: room for one gate below the edited layer, not two
@@ -85,6 +87,9 @@ def test_without_gate_the_patch_is_plain():
         ({"gate_key": "relation"}, "gate_key must be one of 'subject', 'query'"),
         ({"subject_threshold": "auto"}, "must be a number or 'calibrated'"),
         ({"subject_layer": -1}, "subject_layer must be >= 0"),
+        ({"query_span": 0}, "query_span must be 'target', a whole number >= 1 or None"),
+        ({"query_span": "answer"}, "query_span must be 'target'"),
+        ({"query_span": True}, "query_span must be 'target'"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
@@ -121,6 +126,27 @@ def test_query_gate_keys_the_prompts_last_token(monkeypatch):
     base = logits(model, TINY["prompt"])
     with neuronpatch.applied(model, patch):
         assert not torch.equal(logits(model, TINY["prompt"])[0, -1], base[0, -1])
+
+
+def test_query_span_target_opens_the_query_gate_on_the_answer_positions_only():
+    model, tok = build_tiny("llama"), TinyTokenizer()
+    hp = {"gate_key": "both", "subject_layer": 0, "gate_layer": 1, "frozen_layers": 0}
+    patch = tiny_edit(model, query_span="target", **hp)
+    answer = teacher_forced(tok, TINY["prompt"], TINY["target_new"])
+    subject, query = patch.gates
+    assert (subject.span, query.span) == (None, len(answer.answer_ids))
+    assert tiny_edit(model, query_span=None, **hp).gates[1].span is None
+    assert tiny_edit(model, query_span=3, **hp).gates[1].span == 3
+    # as the edit trains it: open from the prompt's last token through the target's
+    # next-to-last, where the teacher-forced loss reads; a sticky gate stays open beyond
+    run_on = torch.cat([answer.input_ids, torch.tensor([tok(" zeta eta").input_ids[1:]])], 1)
+    opened = _gate_fn(model, patch.gates)(run_on, None)[0]  # [S]
+    start = answer.prompt_len - 1
+    expected = torch.zeros_like(opened)
+    expected[start : start + len(answer.answer_ids)] = True
+    assert torch.equal(opened, expected)
+    sticky = tiny_edit(model, query_span=None, **hp).gates
+    assert _gate_fn(model, sticky)(run_on, None)[0, start:].all()
 
 
 def test_gate_layer_must_leave_layers_to_edit():
