@@ -454,3 +454,44 @@ def test_bad_spans_are_refused(span):
     gate = Gate(0, torch.ones(32), torch.zeros(32), 0.5, span=span)
     with pytest.raises(GateError, match="span must be a whole number"):
         Patch(rows, patch.base, gates=(gate,))
+
+
+# --- golden gated files (patches/make_golden_gated.py): never regenerated ----------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    golden = Path(__file__).resolve().parent.parent / "patches" / "golden"
+    path = golden / f"smollm2-135m-v{version}-gated.safetensors"
+    expected = json.loads(path.with_suffix(".expected.json").read_text())
+    raw = path.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == expected["sha256"]
+    patch = Patch.load(path)
+    assert patch.to_bytes() == raw
+    assert f'"format_version":"{version}"'.encode() in raw[:8192]
+    assert [(g.kind, g.layer, g.requires, g.span) for g in patch.gates] == [
+        ("subject", 1, None, None),
+        ("query", 15, 0, expected["query_span"]),
+    ]
+    model, tok = smollm2
+
+    def top(text):
+        with torch.no_grad():
+            out = model(tok(text, return_tensors="pt").input_ids).logits[0, -1]
+        return out.topk(5)
+
+    unchanged = logits(model, tok(expected["unchanged"], return_tensors="pt").input_ids)
+    with neuronpatch.applied(model, patch):
+        for case in ("prompt", "continued"):
+            got = top(expected[case]["text"])
+            assert got.indices.tolist() == expected[case]["top5_ids"], case
+            assert torch.allclose(
+                got.values, torch.tensor(expected[case]["top5_logits"]), atol=1e-3
+            )
+        other = tok(expected["unchanged"], return_tensors="pt").input_ids
+        assert torch.equal(logits(model, other), unchanged)  # both gates shut: bitwise

@@ -1,0 +1,131 @@
+"""Write the gated golden patches under ``patches/golden/`` (format versions 2 and 3).
+
+    .venv/bin/python patches/make_golden_gated.py           # write the files
+    .venv/bin/python patches/make_golden_gated.py --check   # rebuild in memory, compare
+
+Both are the version-1 golden patch (``smollm2-135m-v1-manual.safetensors``, read from disk)
+with every row behind the ``"local"`` method's two gates for its request: a subject gate
+(" France"'s residual after layer 1, threshold 0.75) and a query gate (the prompt's last
+token after layer 15, threshold 0.9) that requires it. In ``-v2-gated`` the query gate stays
+open to the end of the sequence; in ``-v3-gated`` it has a span of 1 (" Rome" is one token).
+
+Each ``.expected.json`` records the file's sha256 and, with the patch applied, the top-5
+next-token ids and logits after the prompt, after the prompt continued past the answer
+(where the two versions differ: the v3 gate has closed), and the fact that another subject's
+prompt keeps its unpatched logits. Written once per format version, never regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import neuronpatch
+from neuronpatch.local import LocalHparams, make_gates
+from neuronpatch.patch import LayerDelta
+from neuronpatch.request import EditRequest
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+SOURCE = GOLDEN / "smollm2-135m-v1-manual.safetensors"
+CONTINUED = " Rome. It is known for"  # appended to the prompt: positions after the answer
+OTHER = "The capital of Germany is"  # another subject: both gates stay shut
+TOP = 5
+
+
+def _top(model, tokenizer, text: str) -> dict:
+    ids = tokenizer(text, return_tensors="pt").input_ids  # [1, S]
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()  # [vocab]
+    top = logits.topk(TOP)
+    return {
+        "text": text,
+        "top5_ids": [int(i) for i in top.indices],
+        "top5_tokens": [tokenizer.decode(int(i)) for i in top.indices],
+        "top5_logits": [round(float(v), 4) for v in top.values],
+    }
+
+
+def build() -> dict[str, tuple[bytes, dict]]:
+    """{file name: (bytes, expected record)} for the v2 and v3 gated golden patches."""
+    model, tokenizer = neuronpatch.load_model("smollm2-135m")
+    source = neuronpatch.Patch.load(SOURCE)
+    request = EditRequest.coerce(source.requests[0])
+    out = {}
+    for version, span in (("2", None), ("3", 1)):
+        hp = LocalHparams(query_span=span)
+        gates = make_gates(model, tokenizer, request, hp)
+        layers = {
+            layer: LayerDelta(
+                ld.neuron_indices, ld.deltas, torch.full_like(ld.neuron_indices, len(gates) - 1)
+            )
+            for layer, ld in source.layers.items()
+        }
+        patch = replace(
+            source,
+            layers=layers,
+            gates=gates,
+            extra={**source.extra, "note": f"golden file for format version {version}"},
+            source=None,
+        )
+        data = patch.to_bytes()
+        if neuronpatch.Patch.from_bytes(data).to_bytes() != data:
+            sys.exit(f"make_golden_gated: v{version} does not re-serialise byte-identically")
+        if f'"format_version":"{version}"'.encode() not in data[:8192]:
+            sys.exit(f"make_golden_gated: the file is not format version {version}")
+        unpatched = _top(model, tokenizer, OTHER)
+        with neuronpatch.applied(model, neuronpatch.Patch.from_bytes(data)):
+            prompt = _top(model, tokenizer, request.prompt)
+            continued = _top(model, tokenizer, request.prompt + CONTINUED)
+            other = _top(model, tokenizer, OTHER)
+        if prompt["top5_tokens"][0] != request.target_new:
+            sys.exit(f"make_golden_gated: v{version} does not make {request.target_new!r} greedy")
+        if other != unpatched:
+            sys.exit(f"make_golden_gated: v{version} changes {OTHER!r}")
+        name = f"smollm2-135m-v{version}-gated.safetensors"
+        expected = {
+            "patch": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "model": "smollm2-135m",
+            "format_version": version,
+            "query_span": span,
+            "prompt": prompt,
+            "continued": continued,
+            "unchanged": OTHER,
+        }
+        out[name] = (data, expected)
+    a, b = (out[n][1]["continued"]["top5_logits"] for n in sorted(out))
+    if a == b:
+        sys.exit("make_golden_gated: the span does not change the continuation; pick another")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the files, write none")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    same = True
+    for name, (data, expected) in build().items():
+        path = GOLDEN / name
+        record = path.with_suffix(".expected.json")
+        text = json.dumps(expected, indent=2, ensure_ascii=False) + "\n"
+        if args.check:
+            ok = path.read_bytes() == data and record.read_text() == text
+            print(f"{name}: {'identical' if ok else 'DIFFERS'}")
+            same &= ok
+            continue
+        neuronpatch.Patch.from_bytes(data).save(path)
+        record.write_text(text)
+        print(f"wrote {path} ({len(data)} bytes) and {record.name}")
+    sys.exit(0 if same else 1)
+
+
+if __name__ == "__main__":
+    main()
