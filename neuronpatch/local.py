@@ -59,7 +59,7 @@ every variant: README, "Edits that stay local", and ``benchmarks/results/quality
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -145,6 +145,9 @@ class LocalHparams(FineHparams):
     # edit: the highest cosine the prompt reaches with OTHER_SUBJECTS in the subject's place)
     subject_layer: int = SUBJECT_GATE_LAYER
     subject_threshold: float | str = 0.75
+    # with subject_threshold="calibrated": also calibrate on this many whole words nearest
+    # the subject's last token in the input embeddings (its own kind: China for Japan)
+    calibration_neighbours: int = 0
     # positions a query gate stays open from a match: "target" (the target's token count,
     # i.e. the answer's positions; later generated text runs unedited), a number, or None
     # (to the end of the sequence, as gates did before spans)
@@ -178,6 +181,9 @@ class LocalHparams(FineHparams):
             raise InvalidHparamsError(
                 f"query_span must be {TARGET_SPAN!r}, a whole number >= 1 or None, got {span!r}"
             )
+        n = self.calibration_neighbours
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidHparamsError(f"calibration_neighbours must be an integer >= 0, got {n!r}")
         if self.subject_layer < 0:
             raise InvalidHparamsError(f"subject_layer must be >= 0, got {self.subject_layer}")
         if self.gate_layer is not None and self.gate_layer < 0:
@@ -296,20 +302,23 @@ def make_gates(
             span if kind == "query" else None,
         )
         if threshold == CALIBRATED:
-            threshold = calibrated_threshold(model, tokenizer, request, gate)
+            near = vocabulary_neighbours(model, tokenizer, request, hp.calibration_neighbours)
+            threshold = calibrated_threshold(model, tokenizer, request, gate, near)
         gates.append(replace(gate, threshold=threshold))
     return tuple(gates)
 
 
-def calibrated_threshold(model: nn.Module, tokenizer, request: EditRequest, gate: Gate) -> float:
+def calibrated_threshold(
+    model: nn.Module, tokenizer, request: EditRequest, gate: Gate, extra: Sequence[str] = ()
+) -> float:
     """The highest cosine ``gate`` reaches (any position, as the runtime matches) on the
-    prompt with each of ``OTHER_SUBJECTS`` in the subject's place, and at least
+    prompt with each of ``OTHER_SUBJECTS`` (and ``extra``) in the subject's place, and at least
     ``CALIBRATION_FLOOR``: the gate then stays shut on those prompts and opens on inputs
     nearer the subject than any of them (a fixed threshold is too strict for aliases on
     some subjects and too loose on others)."""
     bank = GateBank([gate], device_of(model))
     highest = CALIBRATION_FLOOR
-    for other in OTHER_SUBJECTS:
+    for other in (*OTHER_SUBJECTS, *extra):
         if other.lower() == request.subject.lower():
             continue
         text = request.prompt.replace(request.subject, other)
@@ -318,6 +327,33 @@ def calibrated_threshold(model: nn.Module, tokenizer, request: EditRequest, gate
         # a float32 cosine, stored exactly: the runtime's "> threshold" shuts this prompt
         highest = max(highest, bank.cosine(h).max().item())
     return min(highest, MAX_CALIBRATED)
+
+
+def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:
+    """The ``k`` whole words whose input embeddings are nearest (cosine) the subject's last
+    token: entities of the subject's own kind (" China", " Korea" for " Japan"; " silver" for
+    " gold"). Word-initial, alphabetic tokens of 3+ letters that are not part of the subject."""
+    if k == 0:
+        return []
+    embeddings = model.get_input_embeddings().weight.detach().float()  # [V, hidden]
+    last = tokenizer(request.prompt).input_ids[
+        subject_end(tokenizer, request.prompt, request.subject)
+    ]
+    unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [V, hidden]
+    ranked = (unit @ unit[last]).topk(min(len(unit), 50 * k + 50)).indices.tolist()
+    subject, words = request.subject.lower(), []
+    for token in ranked:
+        text = tokenizer.decode([token])
+        word = text.strip()
+        if not text.startswith(" ") or not word.isalpha() or len(word) < 3:
+            continue
+        if word.lower() in subject or subject in word.lower():
+            continue
+        if word.lower() not in {w.lower() for w in words}:
+            words.append(word)
+        if len(words) == k:
+            break
+    return words
 
 
 def _gate_fn(model: nn.Module, gates: tuple[Gate, ...]) -> Callable:

@@ -25,6 +25,7 @@ from neuronpatch.local import (
     locate_specific,
     negative_prompts,
     subject_end,
+    vocabulary_neighbours,
 )
 from neuronpatch.patch import Patch
 from neuronpatch.request import EditRequest
@@ -88,6 +89,8 @@ def test_without_gate_the_patch_is_plain():
         ({"subject_threshold": "auto"}, "must be a number or 'calibrated'"),
         ({"subject_layer": -1}, "subject_layer must be >= 0"),
         ({"query_span": 0}, "query_span must be 'target', a whole number >= 1 or None"),
+        ({"calibration_neighbours": -1}, "calibration_neighbours must be an integer >= 0"),
+        ({"calibration_neighbours": True}, "calibration_neighbours must be an integer >= 0"),
         ({"query_span": "answer"}, "query_span must be 'target'"),
         ({"query_span": True}, "query_span must be 'target'"),
     ],
@@ -355,3 +358,14 @@ def test_inspect_shows_the_gate(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["gates"] == [{"kind": "subject", "layer": 0, "threshold": 0.75}]
     assert all(n["gate"] == 0 for n in info["neurons"])
+
+
+@pytest.mark.slow
+def test_vocabulary_neighbours_are_entities_of_the_subjects_kind(smollm2):
+    model, tok = smollm2
+    japan = vocabulary_neighbours(model, tok, EditRequest.coerce(FACTS[0][0]), 8)
+    gold = vocabulary_neighbours(model, tok, EditRequest.coerce(FACTS[1][0]), 8)
+    assert len(japan) == len(gold) == 8
+    assert "China" in japan and "Korea" in japan and "silver" in gold
+    assert not any("japan" in w.lower() for w in japan) and "gold" not in [w.lower() for w in gold]
+    assert vocabulary_neighbours(model, tok, EditRequest.coerce(FACTS[0][0]), 0) == []
