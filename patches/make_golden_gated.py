@@ -59,7 +59,8 @@ def build() -> dict[str, tuple[bytes, dict]]:
     request = EditRequest.coerce(source.requests[0])
     out = {}
     for version, span in (("2", None), ("3", 1)):
-        hp = LocalHparams(query_span=span)
+        # the default gates when these files were made: subject gate at layer 1, 0.75
+        hp = LocalHparams(subject_layer=1, subject_threshold=0.75, query_span=span)
         gates = make_gates(model, tokenizer, request, hp)
         layers = {
             layer: LayerDelta(
