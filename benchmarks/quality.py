@@ -28,8 +28,15 @@ DATA = {
 }
 # label -> (method, hyperparameter overrides of the method's defaults)
 SUBJECT = {"gate_key": "subject", "lr": 0.005}
-# query gates open to the end of the sequence, as before spans (query_span None)
-BOTH_LAYER1 = {"gate_key": "both", "lr": 0.01, "subject_layer": 1, "query_span": None}
+# query gates open to the end of the sequence, as before spans (query_span None); a
+# calibrated threshold on OTHER_SUBJECTS only, as before calibration_neighbours
+BOTH_LAYER1 = {
+    "gate_key": "both",
+    "lr": 0.01,
+    "subject_layer": 1,
+    "query_span": None,
+    "calibration_neighbours": 0,
+}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
@@ -62,7 +69,7 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated"},
     ),
-    # the default: as above with the query gate open on the answer's positions only
+    # the previous default: as above with the query gate open on the answer's positions only
     "local: subject + query gate spanning the target, lr 1e-2": (
         "local",
         {**BOTH_LAYER1, "subject_threshold": 0.75, "query_span": "target"},
@@ -71,10 +78,21 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_layer": 4, "subject_threshold": 0.75},
     ),
-    # measured, not the default: same-kind neighbours open it (README)
+    # calibrated on the list alone: same-kind neighbours open it (README)
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated", "subject_layer": 4},
+    ),
+    # the default: calibrated on OTHER_SUBJECTS and the subject's 8 nearest vocabulary words
+    "local: layer-4 subject calibrated with neighbours + query gate, lr 1e-2": (
+        "local",
+        {
+            "gate_key": "both",
+            "lr": 0.01,
+            "subject_layer": 4,
+            "subject_threshold": "calibrated",
+            "calibration_neighbours": 8,
+        },
     ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),

@@ -30,7 +30,7 @@ import torch
 
 import neuronpatch
 from neuronpatch.gates import GateBank
-from neuronpatch.local import SUBJECT_GATE_LAYER, LocalHparams, generic_centres, subject_end
+from neuronpatch.local import SUBJECT_GATE_LAYER, generic_centres, subject_end
 from neuronpatch.patch import Gate
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +100,7 @@ def main() -> None:
     num_layers = model.config.num_hidden_layers
     layers = list(range(2, num_layers - 2))
     centres = generic_centres(model, tokenizer, [1, *layers])
-    subject_threshold = LocalHparams().subject_threshold
+    subject_threshold = 0.75  # the fixed layer-1 subject gate measured here
     # counts[(layer, threshold, mode)][kind] = [gate did the right thing, prompts]
     counts: dict[tuple[int, float, str], dict[str, list[int]]] = {}
     for record in records:

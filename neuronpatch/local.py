@@ -23,18 +23,19 @@ switchable in ``LocalHparams`` so its effect can be measured:
      about other subjects ("The currency of China is the" for an edit of Japan's) can match:
      the relation dominates their last token.
    - ``"both"`` (the default): the query gate, open only where the subject gate is open too
-     (layer ``subject_layer``, threshold ``subject_threshold``: 1 and 0.75). The conjunction
-     shuts other relations of the subject *and* the relation asked of other subjects
-     (neighbourhood prompts shut: 100 %), at the price of aliases the subject key does not
-     recognise (alias prompts open: 68.3 %).
+     (layer ``subject_layer``, threshold ``subject_threshold``). The conjunction shuts other
+     relations of the subject *and* the relation asked of other subjects, at the price of
+     aliases the subject key does not recognise.
 
-     ``subject_threshold="calibrated"`` sets the subject threshold per edit: the highest cosine
-     the prompt reaches with each of ``OTHER_SUBJECTS`` in the subject's place (at least 0.3).
-     With ``subject_layer=4`` it opens far more alias prompts (gate-only, both models:
-     ``benchmarks/results/subject_gate_*.md``; end to end, smollm2 WikiData_cf SAA 74.6 ->
-     98.7), but it is not the default: entities of the subject's own kind sit nearer than any
-     fixed list ("The currency of China is the" opens an edit of Japan's, "The chemical
-     symbol for silver is" one of gold's), which a threshold of 0.75 at layer 1 keeps shut.
+     By default the subject gate reads layer 4 with ``subject_threshold="calibrated"``: per
+     edit, the highest cosine the prompt reaches with each of ``OTHER_SUBJECTS`` and of the
+     ``calibration_neighbours`` (8) whole words nearest the subject's last token in the input
+     embeddings in the subject's place (at least 0.3). The list alone lets same-kind entities
+     in ("The currency of China is the" opens an edit of Japan's at 0.653 over 0.621; "The
+     chemical symbol for silver is" one of gold's); the neighbours (" China", " Korea" ...;
+     " silver" ...) raise those thresholds to 0.702 / 0.700. End to end, smollm2 WikiData_cf
+     SAA: 74.6 with a fixed 0.75 at layer 1 (the previous default), 98.7 calibrated on the
+     list, 89.2 with the neighbours, RSA and FA unchanged (``benchmarks/results/quality.md``).
 
    The query gate has a **span** (``query_span="target"``, the default): it is open on the
    target's token count of positions from its match, i.e. on the answer, and text generated
@@ -122,7 +123,8 @@ OTHER_SUBJECTS = (
 )
 
 GATE_KEYS = ("subject", "query", "both")
-SUBJECT_GATE_LAYER = 1  # where a subject key is read by default (gate_key "subject", "both")
+SUBJECT_GATE_LAYER = 1  # where gate_key="subject" reads its key by default
+BOTH_SUBJECT_LAYER = 4  # where gate_key="both" reads its subject key by default
 CALIBRATED = "calibrated"  # subject_threshold: set per edit from OTHER_SUBJECTS
 TARGET_SPAN = "target"  # query_span: the target's token count
 CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
@@ -143,11 +145,11 @@ class LocalHparams(FineHparams):
     gate_threshold: float | None = None  # cosine with the centred key (None: 0.75 / 0.9)
     # gate_key="both": the subject gate's layer and threshold: a cosine, or "calibrated" (per
     # edit: the highest cosine the prompt reaches with OTHER_SUBJECTS in the subject's place)
-    subject_layer: int = SUBJECT_GATE_LAYER
-    subject_threshold: float | str = 0.75
+    subject_layer: int = BOTH_SUBJECT_LAYER
+    subject_threshold: float | str = CALIBRATED
     # with subject_threshold="calibrated": also calibrate on this many whole words nearest
     # the subject's last token in the input embeddings (its own kind: China for Japan)
-    calibration_neighbours: int = 0
+    calibration_neighbours: int = 8
     # positions a query gate stays open from a match: "target" (the target's token count,
     # i.e. the answer's positions; later generated text runs unedited), a number, or None
     # (to the end of the sequence, as gates did before spans)

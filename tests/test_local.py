@@ -102,7 +102,12 @@ def test_bad_hyperparameters_are_refused(overrides, message):
 
 def test_gate_defaults_follow_the_key():
     subject, query = LocalHparams(gate_key="subject"), LocalHparams(gate_key="query")
-    assert LocalHparams().gate_key == "both" and LocalHparams().lr == 0.01
+    default = LocalHparams()
+    assert default.gate_key == "both" and default.lr == 0.01 and default.query_span == "target"
+    # the subject gate of "both": layer 4, calibrated per edit on other entities and the
+    # subject's 8 nearest vocabulary words
+    assert (default.subject_layer, default.subject_threshold) == (4, "calibrated")
+    assert default.calibration_neighbours == 8
     assert (subject.layer_of_gate(30), subject.threshold()) == (1, 0.75)
     assert (query.layer_of_gate(30), query.threshold()) == (15, 0.9)  # the middle layer
     assert LocalHparams(gate_key="query", gate_layer=3, gate_threshold=0.5).threshold() == 0.5
@@ -133,7 +138,13 @@ def test_query_gate_keys_the_prompts_last_token(monkeypatch):
 
 def test_query_span_target_opens_the_query_gate_on_the_answer_positions_only():
     model, tok = build_tiny("llama"), TinyTokenizer()
-    hp = {"gate_key": "both", "subject_layer": 0, "gate_layer": 1, "frozen_layers": 0}
+    hp = {
+        "gate_key": "both",
+        "subject_layer": 0,
+        "subject_threshold": 0.75,
+        "gate_layer": 1,
+        "frozen_layers": 0,
+    }
     patch = tiny_edit(model, query_span="target", **hp)
     answer = teacher_forced(tok, TINY["prompt"], TINY["target_new"])
     subject, query = patch.gates
@@ -326,7 +337,7 @@ def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypat
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model, tok = build_tiny("llama"), TinyTokenizer()
     hp = {"gate_key": "both", "subject_layer": 0, "gate_layer": 1, "frozen_layers": 0}
-    patch = tiny_edit(model, subject_threshold="calibrated", **hp)
+    patch = tiny_edit(model, subject_threshold="calibrated", calibration_neighbours=0, **hp)
     subject, query = patch.gates
     assert (subject.kind, subject.layer, query.requires) == ("subject", 0, 0)
 
