@@ -50,10 +50,11 @@ def logits(model, ids, **kwargs) -> torch.Tensor:
 IDS = torch.tensor([[5, 17, 33, 8, 91, 44, 12, 70, 3, 27]])
 
 
-def masked_reference(model, patch: Patch, ids: torch.Tensor, first_open: int) -> torch.Tensor:
-    """Logits with ``patch``'s rows added only at positions >= first_open, by plain hooks."""
+def open_reference(model, patch: Patch, ids: torch.Tensor, open_at: list[int]) -> torch.Tensor:
+    """Logits with ``patch``'s rows added only at the positions ``open_at``, by plain hooks."""
     arch = neuronpatch.arch.resolve(model)
-    open_ = (torch.arange(ids.shape[1]) >= first_open).float()[:, None]  # [T, 1]
+    open_ = torch.zeros(ids.shape[1])
+    open_[open_at] = 1.0
 
     def add(ld):
         def hook(module, args, output):
@@ -71,6 +72,11 @@ def masked_reference(model, patch: Patch, ids: torch.Tensor, first_open: int) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+def masked_reference(model, patch: Patch, ids: torch.Tensor, first_open: int) -> torch.Tensor:
+    """Logits with ``patch``'s rows added only at positions >= first_open, by plain hooks."""
+    return open_reference(model, patch, ids, list(range(first_open, ids.shape[1])))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -319,30 +325,6 @@ def test_bad_required_gates_are_refused(requires, layer, message):
 
 
 # --- spans (format v3): a gate open only for `span` positions from each match -------------
-
-
-def open_reference(model, patch: Patch, ids: torch.Tensor, open_at: list[int]) -> torch.Tensor:
-    """Logits with ``patch``'s rows added only at the positions ``open_at``, by plain hooks."""
-    arch = neuronpatch.arch.resolve(model)
-    open_ = torch.zeros(ids.shape[1])
-    open_[open_at] = 1.0
-
-    def add(ld):
-        def hook(module, args, output):
-            q = args[0]
-            rows = q[..., ld.neuron_indices] * open_.reshape(*([1] * (q.dim() - 2)), -1, 1)
-            return output + rows @ ld.deltas
-
-        return hook
-
-    handles = [
-        arch.w_out[layer].register_forward_hook(add(ld)) for layer, ld in patch.layers.items()
-    ]
-    try:
-        return logits(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def test_gate_ages_and_spans_by_hand():
