@@ -6,8 +6,9 @@ switchable in ``LocalHparams`` so its effect can be measured:
 
 1. **Gate** (``gate``): the patch stores a ``Gate`` keyed on the residual stream at layer
    ``gate_layer`` (centred on generic text). At run time its rows are added only from the
-   first position whose residual matches the key (cosine > ``gate_threshold``) on. Three
-   choices (``gate_key``):
+   first position whose residual matches the key (cosine > ``gate_threshold``) on, or for a
+   query gate with a span only on the answer's positions (below). Three choices
+   (``gate_key``):
 
    - ``"subject"``: the subject's last token at layer 1 (threshold 0.75). Inputs that never
      name the subject are untouched, but every prompt about the subject opens it, whatever
