@@ -191,7 +191,7 @@ DEMO_PROMPTS = [
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.device)
     r = DEMO_REQUEST
     print(f"\nedit: {r['prompt']!r} -> {r['target_new']!r} (was {r['target_true']!r})")
     before = {p: _greedy(model, tokenizer, p) for _, p in DEMO_PROMPTS}
@@ -219,6 +219,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------
 
 
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", help="where the model runs: cpu, cuda, cuda:1, mps ... (default: cpu)"
+    )
+
+
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --method and --hparam: shared by every command that edits (edit, eval, batch)."""
     p.add_argument(
@@ -227,10 +233,7 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
         help=f"embedded name, folder or Hub id (default {DEFAULT_MODEL})",
     )
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
-    p.add_argument(
-        "--device",
-        help="where the model runs: cpu, cuda, cuda:1, mps ... (default: cpu)",
-    )
+    _add_device_argument(p)
     p.add_argument(
         "--hparam",
         action="append",
@@ -282,10 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="edit a fact on the embedded model and show before/after")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
-    p.add_argument(
-        "--device",
-        help="where the model runs: cpu, cuda, cuda:1, mps ... (default: cpu)",
-    )
+    _add_device_argument(p)
     p.add_argument("-o", "--output", default="edits/demo.safetensors")
     p.set_defaults(func=cmd_demo)
 

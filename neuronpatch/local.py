@@ -344,7 +344,7 @@ def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: 
     ]
     unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [V, hidden]
     ranked = (unit @ unit[last]).topk(min(len(unit), 50 * k + 50)).indices.tolist()
-    subject, words = request.subject.lower(), []
+    subject, words, seen = request.subject.lower(), [], set()
     for token in ranked:
         text = tokenizer.decode([token])
         word = text.strip()
@@ -352,7 +352,8 @@ def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: 
             continue
         if word.lower() in subject or subject in word.lower():
             continue
-        if word.lower() not in {w.lower() for w in words}:
+        if word.lower() not in seen:
+            seen.add(word.lower())
             words.append(word)
         if len(words) == k:
             break

@@ -75,10 +75,10 @@ class _GateState:
     open: torch.Tensor | None = None  # bool [B, T, count] for the forward pass under way
     valid: torch.Tensor | None = None  # bool [B, T]: non-padding positions of that pass
     # float [B, count]: each gate's age (positions since its last match, inf: none) at the
-    # last position of the earlier KV steps (``before``), and of this pass so far (``last``)
+    # last position of the earlier KV steps (``before``), and of this pass (``carried``,
+    # filled gate layer by gate layer: the next step's ``before``)
     before: torch.Tensor | None = None
-    last: torch.Tensor | None = None
-    carried: torch.Tensor | None = None  # ``last`` of the finished pass: the next step's before
+    carried: torch.Tensor | None = None
 
 
 @dataclass
@@ -434,9 +434,7 @@ def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
         )
     for layer in banks:
         block = state.arch.decoder_layers[layer]
-        gates.hooks.append(
-            block.register_forward_hook(_gate_hook(gates, layer, min(banks), max(banks)))
-        )
+        gates.hooks.append(block.register_forward_hook(_gate_hook(gates, layer, min(banks))))
     state.gates = gates
 
 
@@ -455,7 +453,7 @@ def _sequence_start(gates: _GateState):
     return pre_hook
 
 
-def _gate_hook(gates: _GateState, layer: int, lowest: int, highest: int):
+def _gate_hook(gates: _GateState, layer: int, lowest: int):
     bank, columns = gates.banks[layer]
 
     def compute_gates(module: nn.Module, args: tuple, output) -> None:
@@ -475,17 +473,15 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int, highest: int):
                 else None
             )  # [B, T]
             gates.before = carried
-            gates.last = torch.full((batch, gates.count), math.inf, device=h.device)
+            gates.carried = torch.full((batch, gates.count), math.inf, device=h.device)
         before = gates.before[:, columns] if gates.before is not None else None
         age = bank.ages(h, gates.valid, before)  # [B, T, G]
-        gates.last[:, columns] = age[:, -1]
+        gates.carried[:, columns] = age[:, -1]  # raw: requirements are checked per position
         gates.open[..., columns] = age < bank.spans
         conjunction = gates.requires.get(layer)
         if conjunction is not None:  # the required gates read lower layers: already known
             cols, required = conjunction
             gates.open[..., cols] &= gates.open[..., required]
-        if layer == highest:  # raw ages: a gate's requirement is checked at each position
-            gates.carried = gates.last  # [B, count]
 
     return compute_gates
 
