@@ -62,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="default runs/stacked/MODEL__DATA__METHOD")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "stacked_edits")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--deltas-from",
+        type=Path,
+        metavar="DIR",
+        help="a patches folder of an earlier run of this method whose settings differ only in "
+        "how gates are made: its neurons and deltas are reused under new gates where that "
+        "changes nothing the optimisation saw (see reuse_deltas); the rest are edited afresh",
+    )
     args = parser.parse_args(argv)
 
     from neuronpatch.cli import _parse_hparams
@@ -77,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.eval()
 
     started = time.perf_counter()
+    reused = 0
+    if args.deltas_from is not None:
+        requests = [r.request for r in records]
+        reused = reuse_deltas(
+            model, tokenizer, requests, args.deltas_from, run_dir / "patches", args.method, hparams
+        )
+        print(f"reused the deltas of {reused} patches from {args.deltas_from}")
     batch = run_batch(
         model, tokenizer, [r.request for r in records], run_dir / "patches", args.method, hparams
     )
@@ -109,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "edits_made": len(edited),
         "edits_refused": sum(1 for i in batch.items if i.status == "error"),
         "edits_unsuccessful": sum(1 for i in batch.items if i.status == "unsuccessful"),
+        "deltas_reused": _reused(run_dir / "patches"),
         "run_dir": str(run_dir),
         "seconds": round(time.perf_counter() - started, 1),
         "points": [{k: v for k, v in p.items() if k != "config"} for p in points],
@@ -120,6 +136,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
     print(f"wrote {out.with_suffix('.json')}, .md, .png")
+
+
+# hyperparameters that decide only how a gated patch's gates are made, not its neurons
+GATE_ONLY = {"subject_layer", "subject_threshold", "calibration_neighbours", "query_span"}
+
+
+def reuse_deltas(
+    model, tokenizer, requests, source: Path, out: Path, method: str, hparams: dict[str, Any]
+) -> int:
+    """Copy the patches of an earlier run (``source``) into ``out`` with their gates re-made
+    under ``hparams``, keeping their neurons and deltas; returns how many were copied.
+
+    Neurons are located without gates, and the optimisation sees the gates only as the 0/1
+    mask of where they are open on the edit sequence. So where the earlier patch differs from
+    ``hparams`` only in ``GATE_ONLY`` settings and both gate sets open the very same positions
+    of that sequence, a fresh edit picks the same neurons and learns the same deltas (up to
+    float rounding: checked on 5 records, equal neurons, deltas within 2e-3). Patches that
+    fail either check, or exist already in ``out``, are left to ``run_batch``.
+    """
+    from dataclasses import asdict, replace
+
+    import torch
+
+    from neuronpatch.batch import patch_path
+    from neuronpatch.editor import make_hparams
+    from neuronpatch.local import _gate_fn, make_gates
+    from neuronpatch.tokens import teacher_forced
+
+    hp = make_hparams(method, None, **hparams)
+    wanted = json.loads(json.dumps(asdict(hp)))
+    copied = 0
+    for i, request in enumerate(requests):
+        old_path, new_path = patch_path(source, i, request), patch_path(out, i, request)
+        if new_path.exists() or not old_path.exists():
+            continue
+        old = Patch.load(old_path)
+        differ = {k for k, v in wanted.items() if old.hparams.get(k) != v}
+        if old.method != method or not old.gates or not differ <= GATE_ONLY:
+            continue
+        if old.requests != (request.to_dict(),):
+            continue
+        gates = make_gates(model, tokenizer, request, hp)
+        ids = teacher_forced(tokenizer, request.prompt, request.target_new).input_ids  # [1, S]
+        if len(gates) != len(old.gates) or not torch.equal(
+            _gate_fn(model, old.gates)(ids, None), _gate_fn(model, gates)(ids, None)
+        ):
+            continue
+        extra = {**old.extra, "deltas_from": str(old_path)}
+        replace(old, gates=gates, hparams=asdict(hp), extra=extra).save(new_path)
+        copied += 1
+    return copied
+
+
+def _reused(patches: Path) -> int:
+    """How many patches in ``patches`` carry deltas reused by ``reuse_deltas``."""
+    return sum("deltas_from" in Patch.load(p).extra for p in sorted(patches.glob("*.safetensors")))
 
 
 def _distinct(records: list[EditRecord], n: int) -> list[EditRecord]:
@@ -257,6 +329,15 @@ def markdown(result: dict[str, Any]) -> str:
         "Mean over the stacked facts, x100, 95% CI; locality is agreement with the unedited "
         "model. Row 1 is each edit applied alone.",
         "",
+    ]
+    if result.get("deltas_reused"):
+        lines += [
+            f"{result['deltas_reused']} of the patches reuse the neurons and deltas of an "
+            "earlier run's patch under gates re-made with these settings (`--deltas-from`: "
+            "made only where the optimisation would see the same gate mask).",
+            "",
+        ]
+    lines += [
         "| edits | " + " | ".join(LABELS.get(k, k) for k in keys) + " | neurons | shared | bytes |",
         "|---" * (len(keys) + 4) + "|",
     ]
