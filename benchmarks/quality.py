@@ -83,8 +83,21 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated", "subject_layer": 4},
     ),
-    # the default: calibrated on OTHER_SUBJECTS and the subject's 8 nearest vocabulary words
+    # calibrated on OTHER_SUBJECTS and the 8 nearest vocabulary words of the subject's last
+    # token, whatever it was (measured before vocabulary_neighbours kept to whole words)
     "local: layer-4 subject calibrated with neighbours + query gate, lr 1e-2": (
+        "local",
+        {
+            "gate_key": "both",
+            "lr": 0.01,
+            "subject_layer": 4,
+            "subject_threshold": "calibrated",
+            "calibration_neighbours": 8,
+        },
+    ),
+    # the default: neighbours only of a whole-word last token (none sharing its stem), and
+    # CALIBRATION_MARGIN 0.02 over the highest calibration cosine
+    "local: layer-4 subject calibrated with whole-word neighbours + query gate, lr 1e-2": (
         "local",
         {
             "gate_key": "both",

@@ -149,11 +149,14 @@ def reuse_deltas(
     under ``hparams``, keeping their neurons and deltas; returns how many were copied.
 
     Neurons are located without gates, and the optimisation sees the gates only as the 0/1
-    mask of where they are open on the edit sequence. So where the earlier patch differs from
-    ``hparams`` only in ``GATE_ONLY`` settings and both gate sets open the very same positions
-    of that sequence, a fresh edit picks the same neurons and learns the same deltas (up to
-    float rounding: checked on 5 records, equal neurons, deltas within 2e-3). Patches that
-    fail either check, or exist already in ``out``, are left to ``run_batch``.
+    mask of where they are open on the edit sequence. A copy is made only where the earlier
+    patch differs from ``hparams`` in ``GATE_ONLY`` settings alone and both gate sets open the
+    same positions of the prompt and the answer. The position after the answer may differ: a
+    query gate with a span is shut there, and that is where FiNE's repetition penalty reads,
+    so a fresh edit with a span no longer feels that penalty. The copied deltas are then an
+    approximation of a fresh edit's: on 7 smollm2 records, the same neurons, deltas within
+    0.5 % (relative norm) on 6 and 22 % on one. Patches that fail a check, or exist already in
+    ``out``, are left to ``run_batch``.
     """
     from dataclasses import asdict, replace
 
@@ -180,8 +183,8 @@ def reuse_deltas(
         gates = make_gates(model, tokenizer, request, hp)
         ids = teacher_forced(tokenizer, request.prompt, request.target_new).input_ids  # [1, S]
         if len(gates) != len(old.gates) or not torch.equal(
-            _gate_fn(model, old.gates)(ids, None), _gate_fn(model, gates)(ids, None)
-        ):
+            _gate_fn(model, old.gates)(ids, None)[:, :-1], _gate_fn(model, gates)(ids, None)[:, :-1]
+        ):  # [1, S - 1]: all but the position after the answer
             continue
         extra = {**old.extra, "deltas_from": str(old_path)}
         replace(old, gates=gates, hparams=asdict(hp), extra=extra).save(new_path)
@@ -334,7 +337,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"{result['deltas_reused']} of the patches reuse the neurons and deltas of an "
             "earlier run's patch under gates re-made with these settings (`--deltas-from`: "
-            "made only where the optimisation would see the same gate mask).",
+            "only where the new gates open the same positions of the prompt and answer; "
+            "the deltas were learned with the gate also open after the answer, where a span "
+            "now shuts it, so they approximate a fresh edit's: see `reuse_deltas`).",
             "",
         ]
     lines += [

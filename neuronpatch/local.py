@@ -30,13 +30,17 @@ switchable in ``LocalHparams`` so its effect can be measured:
 
      By default the subject gate reads layer 4 with ``subject_threshold="calibrated"``: per
      edit, the highest cosine the prompt reaches with each of ``OTHER_SUBJECTS`` and of the
-     ``calibration_neighbours`` (8) whole words nearest the subject's last token in the input
-     embeddings in the subject's place (at least 0.3). The list alone lets same-kind entities
-     in ("The currency of China is the" opens an edit of Japan's at 0.653 over 0.621; "The
-     chemical symbol for silver is" one of gold's); the neighbours (" China", " Korea" ...;
-     " silver" ...) raise those thresholds to 0.702 / 0.700. End to end, smollm2 WikiData_cf
-     SAA: 74.6 with a fixed 0.75 at layer 1 (the previous default), 98.7 calibrated on the
-     list, 89.2 with the neighbours, RSA and FA unchanged (``benchmarks/results/quality.md``).
+     ``calibration_neighbours`` (8) whole words nearest the subject's last word in the input
+     embeddings in the subject's place, plus ``CALIBRATION_MARGIN`` (0.02), and at least
+     0.3. The list alone lets same-kind entities in ("The currency of China is the" opens an
+     edit of Japan's at 0.653 over 0.621; "The chemical symbol for silver is" one of gold's);
+     the neighbours (" China", " Korea" ...; " silver" ...) raise those thresholds to 0.702 /
+     0.700 before the margin. Neighbours are taken only for a last word that is one token of 3+ letters
+     (``vocabulary_neighbours``): a word piece's neighbours are noise that shut aliases out.
+     End to end, WikiData_cf SAA (smollm2 / gemma3, n=30): 74.6 / 75.3 with a fixed 0.75 at
+     layer 1, 98.7 / 92.6 calibrated on the list, 89.2 / 85.0 with the neighbours of any last
+     token, 98.7 / 88.0 with whole-word neighbours and the margin (FiNE: 98.7 / 97.0); RSA and FA unchanged
+     (``benchmarks/results/quality.md``).
 
    The query gate has a **span** (``query_span="target"``, the default): it is open on the
    target's token count of positions from its match, i.e. on the answer, and text generated
@@ -131,7 +135,7 @@ CALIBRATED = "calibrated"  # subject_threshold: set per edit from OTHER_SUBJECTS
 TARGET_SPAN = "target"  # query_span: the target's token count
 CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
 MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
-CALIBRATION_MARGIN = 1e-4  # above the highest calibration cosine (see calibrated_threshold)
+CALIBRATION_MARGIN = 0.02  # above the highest calibration cosine (see calibrated_threshold)
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
 
 
@@ -341,8 +345,13 @@ def calibrated_threshold(
     those prompts and opens on inputs nearer the subject than any of them (a fixed threshold
     is too strict for aliases on some subjects and too loose on others).
 
-    The prompts run as one right-padded batch; the margin covers the rounding by which a
-    prompt's cosine in a batch differs from its cosine alone (measured: below 1e-6 in fp32)."""
+    The prompts run as one right-padded batch (a prompt's cosine there differs from its cosine
+    alone by rounding: below 1e-6 in fp32). The margin (0.02) shuts inputs that only just
+    pass the calibration prompts: measured gate-only on smollm2 (60 WikiData_cf + 60
+    CounterFact records), margins 0 / 0.02 / 0.05 keep the subject gate open on 90.0 / 90.0 /
+    83.3 % of alias prompts and shut on 71.7 / 75.0 / 91.7 % of neighbourhood prompts, and
+    0.02 shuts "The mother tongue of Angela Merkel is" (0.405) for an edit of Danielle
+    Darrieux's (calibrated at 0.399)."""
     texts = [
         request.prompt.replace(request.subject, other)
         for other in (*OTHER_SUBJECTS, *extra)
@@ -366,25 +375,41 @@ def calibrated_threshold(
 def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:
     """The ``k`` whole words whose input embeddings are nearest (cosine) the subject's last
     token: entities of the subject's own kind (" China", " Korea" for " Japan"; " silver" for
-    " gold"). Word-initial, alphabetic tokens of 3+ letters that are not part of the subject."""
+    " gold"). Word-initial, alphabetic tokens of 3+ letters that are not part of the subject
+    and do not share its last word's stem (first 5 letters: " assemblies" for " Assembly").
+
+    None when the subject's last word is not one word-initial token of 3+ letters (" Japan"
+    is; "go" of " Casariego", " BC" of "2041 BC" and a "Japan" opening the prompt are not):
+    the neighbours of a word piece (" goes", " went") or an abbreviation are no kin of the
+    subject, and calibrating on them shut the gate on its aliases ("Nicolás Méndez",
+    "2041 BCE") in WikiData_counterfact."""
     if k == 0:
         return []
-    embeddings = model.get_input_embeddings().weight.detach().float()  # [V, hidden]
     last = tokenizer(request.prompt).input_ids[
         subject_end(tokenizer, request.prompt, request.subject)
     ]
+    piece = tokenizer.decode([last])
+    last_word = re.sub(r"[^\w]", "", request.subject.split()[-1]).lower()
+    if not piece.startswith(" ") or piece.strip().lower() != last_word:
+        return []
+    if len(last_word) < 3 or not last_word.isalpha():
+        return []  # " BC" of "2041 BC": its neighbours are other abbreviations (" ACC", " CAR")
+    embeddings = model.get_input_embeddings().weight.detach().float()  # [V, hidden]
     unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [V, hidden]
     ranked = (unit @ unit[last]).topk(min(len(unit), 50 * k + 50)).indices.tolist()
-    subject, words, seen = request.subject.lower(), [], set()
+    subject, stem = request.subject.lower(), last_word[:5]
+    words: list[str] = []
+    seen: set[str] = set()
     for token in ranked:
         text = tokenizer.decode([token])
         word = text.strip()
         if not text.startswith(" ") or not word.isalpha() or len(word) < 3:
             continue
-        if word.lower() in subject or subject in word.lower():
+        lower = word.lower()
+        if lower in subject or subject in lower or lower.startswith(stem):
             continue
-        if word.lower() not in seen:
-            seen.add(word.lower())
+        if lower not in seen:
+            seen.add(lower)
             words.append(word)
         if len(words) == k:
             break

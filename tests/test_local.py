@@ -18,6 +18,7 @@ from neuronpatch.gates import GateBank
 from neuronpatch.local import (
     CALIBRATION_FLOOR,
     CALIBRATION_MARGIN,
+    MAX_CALIBRATED,
     OTHER_SUBJECTS,
     LocalHparams,
     _gate_fn,
@@ -349,7 +350,7 @@ def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypat
     others = [TINY["prompt"].replace("beta", other) for other in OTHER_SUBJECTS]
     highest = max(cosines(text).max().item() for text in others)
     # just above the highest (the calibration prompts ran as one padded batch)
-    expected = max(highest + CALIBRATION_MARGIN, CALIBRATION_FLOOR)
+    expected = min(max(highest + CALIBRATION_MARGIN, CALIBRATION_FLOOR), MAX_CALIBRATED)
     assert subject.threshold == pytest.approx(expected, abs=1e-6)
     bank = GateBank([subject], torch.device("cpu"))
     for text in others:  # every calibration prompt keeps the subject gate shut
@@ -383,3 +384,23 @@ def test_vocabulary_neighbours_are_entities_of_the_subjects_kind(smollm2):
     assert "China" in japan and "Korea" in japan and "silver" in gold
     assert not any("japan" in w.lower() for w in japan) and "gold" not in [w.lower() for w in gold]
     assert vocabulary_neighbours(model, tok, EditRequest.coerce(FACTS[0][0]), 0) == []
+
+
+@pytest.mark.slow
+def test_vocabulary_neighbours_only_of_a_whole_word_and_not_its_inflections(smollm2):
+    model, tok = smollm2
+
+    def near(prompt: str, subject: str) -> list[str]:
+        return vocabulary_neighbours(model, tok, EditRequest(prompt, subject, "x"), 8)
+
+    # " Casariego" is several tokens: the last one's neighbours (" goes", " went") are no kin
+    # of the subject, and calibrating on them shut the gate on its alias "Nicolás Méndez"
+    assert (
+        near("The place of birth of Nicolás Méndez Casariego is", "Nicolás Méndez Casariego") == []
+    )
+    # " Assembly" is one token; " assemblies", " assemble" share its stem and are left out
+    assembly = near(
+        "The name of the country which 81st Missouri General Assembly is associated with is",
+        "81st Missouri General Assembly",
+    )
+    assert len(assembly) == 8 and not any(w.lower().startswith("assem") for w in assembly)
