@@ -37,6 +37,14 @@ BOTH_LAYER1 = {
     "query_span": None,
     "calibration_neighbours": 0,
 }
+# the calibrated layer-4 subject gate with 8 vocabulary neighbours: the default's settings
+CALIBRATED_WITH_NEIGHBOURS = {
+    "gate_key": "both",
+    "lr": 0.01,
+    "subject_layer": 4,
+    "subject_threshold": "calibrated",
+    "calibration_neighbours": 8,
+}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
@@ -87,25 +95,13 @@ VARIANTS = {
     # token, whatever it was (measured before vocabulary_neighbours kept to whole words)
     "local: layer-4 subject calibrated with neighbours + query gate, lr 1e-2": (
         "local",
-        {
-            "gate_key": "both",
-            "lr": 0.01,
-            "subject_layer": 4,
-            "subject_threshold": "calibrated",
-            "calibration_neighbours": 8,
-        },
+        CALIBRATED_WITH_NEIGHBOURS,
     ),
     # the default: neighbours only of a whole-word last token (none sharing its stem), and
     # CALIBRATION_MARGIN 0.02 over the highest calibration cosine
     "local: layer-4 subject calibrated with whole-word neighbours + query gate, lr 1e-2": (
         "local",
-        {
-            "gate_key": "both",
-            "lr": 0.01,
-            "subject_layer": 4,
-            "subject_threshold": "calibrated",
-            "calibration_neighbours": 8,
-        },
+        CALIBRATED_WITH_NEIGHBOURS,
     ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
