@@ -4,7 +4,7 @@ Measures, in one process:
 
 * greedy-generation throughput (tokens/s) unpatched vs with 1, 10, 100 and 1000 stacked
   patches (and the 1000 patches merged into the weights), and with 1, 100 and 1000 stacked
-  *gated* patches (each guarded by the default method's two gates, a subject gate on layer 1
+  *gated* patches (each guarded by the default method's two gates, a subject gate on layer 4
   required by a query gate on the middle layer, as method="local" makes them; closed on every
   prompt, plus one configuration whose gates open on the first prompt), at
   batch 1 and batch 8, as ratios to the unpatched speed of the same round. Every round runs
@@ -71,8 +71,9 @@ PATCH_LAYERS = 27  # neurons are drawn from layers 0..26
 DELTA_SCALE = 1e-3
 TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
 GATED_COUNTS = (1, 100, 1000)
-# the default method's gates: a subject gate (layer 1, 0.75) that a query gate (the middle
-# layer, 0.9) requires; rows sit above the query gate's layer
+# the default method's gates (LocalHparams()): a subject gate (layer 4, threshold calibrated
+# per edit) that a query gate (the middle layer, 0.9, open on the answer's span) requires;
+# rows sit above the query gate's layer
 OPEN_REQUEST = EditRequest("The capital of France is", "France", "Rome")
 GATED_TARGETS = {1: 3.0, 1000: 12.0}  # max slowdown % with that many stacked gated patches
 PROMPTS = [
@@ -227,10 +228,11 @@ def make_patch_sets(model, tokenizer, arch: ModelArch) -> PatchSets:
 
 
 def describe_gates(gates: tuple[Gate, ...]) -> str:
-    """'subject gate on layer 1 (> 0.75), query gate on layer 15 (> 0.9) requiring gate 0'."""
+    """'subject gate on layer 4 (> 0.52), query gate on layer 15 (> 0.9) requiring gate 0, span 2'."""
     return ", ".join(
-        f"{g.kind} gate on layer {g.layer} (> {g.threshold})"
+        f"{g.kind} gate on layer {g.layer} (> {g.threshold:.3g})"
         + (f" requiring gate {g.requires}" if g.requires is not None else "")
+        + (f", span {g.span}" if g.span is not None else "")
         for g in gates
     )
 
