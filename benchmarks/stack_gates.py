@@ -33,7 +33,14 @@ from stacked_edits import DATA, _distinct
 import neuronpatch
 from neuronpatch.datasets import load_records
 from neuronpatch.gates import GateBank
-from neuronpatch.local import CALIBRATION_MARGIN, LocalHparams, _residuals, make_gates
+from neuronpatch.local import (
+    CALIBRATION_MARGIN,
+    MAX_CALIBRATED,
+    LocalHparams,
+    _residuals,
+    make_gates,
+    peak_cosines,
+)
 from neuronpatch.patch import Gate
 
 HERE = Path(__file__).resolve().parent
@@ -46,31 +53,16 @@ KINDS = {
 LAYER1 = {"subject_layer": 1, "subject_threshold": 0.75, "query_span": None}
 
 
-def padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask: [N, S] each."""
-    rows = [tokenizer(t).input_ids for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
-
-
 def stack_calibrated(model, tokenizer, prompts: list[str], gates: list[tuple[Gate, ...]]):
     """Each subject gate's threshold raised to its highest cosine on the other prompts plus
     ``CALIBRATION_MARGIN`` (never lowered)."""
-    subjects = [g[0] for g in gates]
-    bank = GateBank(subjects, torch.device("cpu"))
-    highest = []
-    for start in range(0, len(prompts), 32):
-        ids, mask = padded(tokenizer, prompts[start : start + 32])
-        h = _residuals(model, ids, (subjects[0].layer,), mask)[subjects[0].layer]  # [n, S, H]
-        cos = bank.cosine(h).masked_fill((mask == 0)[..., None], -math.inf)  # [n, S, G]
-        highest.append(cos.amax(1))  # [n, G]
-    table = torch.cat(highest)  # [prompts, gates]
+    table = peak_cosines(model, tokenizer, [g[0] for g in gates], prompts)  # [prompts, gates]
     table.fill_diagonal_(-math.inf)  # a gate is not calibrated on its own prompt
     out = []
     for j, g in enumerate(gates):
-        threshold = min(max(g[0].threshold, table[:, j].max().item() + CALIBRATION_MARGIN), 0.99)
+        threshold = min(
+            max(g[0].threshold, table[:, j].max().item() + CALIBRATION_MARGIN), MAX_CALIBRATED
+        )
         out.append((replace(g[0], threshold=threshold), *g[1:]))
     return out
 

@@ -85,16 +85,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.eval()
 
     started = time.perf_counter()
-    reused = 0
+    requests = [r.request for r in records]
     if args.deltas_from is not None:
-        requests = [r.request for r in records]
         reused = reuse_deltas(
             model, tokenizer, requests, args.deltas_from, run_dir / "patches", args.method, hparams
         )
         print(f"reused the deltas of {reused} patches from {args.deltas_from}")
-    batch = run_batch(
-        model, tokenizer, [r.request for r in records], run_dir / "patches", args.method, hparams
-    )
+    batch = run_batch(model, tokenizer, requests, run_dir / "patches", args.method, hparams)
     print(batch.summary())
     edited = [
         (record, item.path)

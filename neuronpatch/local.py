@@ -70,7 +70,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .arch import ModelArch, device_of, resolve
@@ -250,6 +249,34 @@ def _residuals(
     return states
 
 
+def right_padded(rows: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded on the right with 0: ids and attention mask, [N, S] each."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[*row, *[0] * (width - len(row))] for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+def peak_cosines(
+    model: nn.Module, tokenizer, gates: Sequence[Gate], texts: Sequence[str], batch: int = 32
+) -> torch.Tensor:
+    """The highest cosine each of ``gates`` (all reading one layer) reaches at any real
+    position of each of ``texts`` (as the runtime matches), right-padded batches of ``batch``:
+    [len(texts), len(gates)]."""
+    device = device_of(model)
+    layer = gates[0].layer
+    bank = GateBank(gates, device)
+    peaks = []
+    for start in range(0, len(texts), batch):
+        ids, mask = right_padded(
+            [tokenizer(t).input_ids for t in texts[start : start + batch]], device
+        )
+        h = _residual(model, ids, layer, mask)  # [n, S, hidden]
+        cosines = bank.cosine(h).masked_fill((mask == 0)[..., None], -math.inf)  # [n, S, G]
+        peaks.append(cosines.amax(1))  # [n, G]
+    return torch.cat(peaks)
+
+
 def _residual(
     model: nn.Module, input_ids: torch.Tensor, layer: int, attention_mask=None
 ) -> torch.Tensor:
@@ -359,16 +386,7 @@ def calibrated_threshold(
     ]
     if not texts:
         return CALIBRATION_FLOOR
-    rows = [tokenizer(text).input_ids for text in texts]
-    width = max(len(row) for row in rows)
-    device = device_of(model)
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)  # [N, S]
-    mask = torch.tensor(
-        [[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device
-    )  # [N, S]
-    h = _residual(model, ids, gate.layer, mask)  # [N, S, hidden]
-    cosines = GateBank([gate], device).cosine(h)[..., 0]  # [N, S]
-    highest = cosines.masked_fill(mask == 0, -math.inf).max().item()
+    highest = peak_cosines(model, tokenizer, [gate], texts).max().item()
     return min(max(highest + CALIBRATION_MARGIN, CALIBRATION_FLOOR), MAX_CALIBRATED)
 
 
@@ -454,12 +472,8 @@ def _negatives_fn(model: nn.Module, tokenizer, hp: LocalHparams) -> Callable:
         if not prompts or hp.negatives_weight == 0:
             return None
         rows = [tokenizer(p).input_ids for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.stack([F.pad(torch.tensor(r), (0, width - len(r))) for r in rows])  # [N, S]
-        mask = torch.stack(
-            [F.pad(torch.ones(len(r), dtype=torch.long), (0, width - len(r))) for r in rows]
-        )  # [N, S]
-        kl = torch.zeros(len(rows), width, dtype=torch.bool)
+        ids, mask = right_padded(rows)  # [N, S] each
+        kl = torch.zeros(ids.shape, dtype=torch.bool)
         for n, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
             kl[n, subject_end(tokenizer, prompt, request.subject) : len(row)] = True
         return Negatives(ids, mask, kl, hp.negatives_weight)
