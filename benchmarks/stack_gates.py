@@ -12,7 +12,8 @@ own gates open (wanted on the edit prompt and SAA, not on RSA / FA). Variants:
   ``stacked_edits_local.md``;
 - ``default``: ``LocalHparams()`` (calibrated layer-4 subject gate, query gate with span);
 - ``default + stack calibration``: each subject gate's threshold also raised above the
-  highest cosine it reaches on the other stacked edits' prompts (plus the margin).
+  highest cosine it reaches on the other stacked edits' prompts (plus the margin), as
+  ``neuronpatch.calibrate_stack`` raises it.
 
     python benchmarks/stack_gates.py --n 200
 
@@ -23,25 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from stacked_edits import DATA, _distinct
 
 import neuronpatch
+from neuronpatch.arch import base_model_info
+from neuronpatch.calibration import calibrate_stack
 from neuronpatch.datasets import load_records
 from neuronpatch.gates import GateBank
-from neuronpatch.local import (
-    CALIBRATION_MARGIN,
-    MAX_CALIBRATED,
-    LocalHparams,
-    _residuals,
-    make_gates,
-    peak_cosines,
-)
-from neuronpatch.patch import Gate
+from neuronpatch.local import LocalHparams, _residuals, make_gates
+from neuronpatch.patch import Gate, Patch
 
 HERE = Path(__file__).resolve().parent
 KINDS = {
@@ -53,18 +47,14 @@ KINDS = {
 LAYER1 = {"subject_layer": 1, "subject_threshold": 0.75, "query_span": None}
 
 
-def stack_calibrated(model, tokenizer, prompts: list[str], gates: list[tuple[Gate, ...]]):
-    """Each subject gate's threshold raised to its highest cosine on the other prompts plus
-    ``CALIBRATION_MARGIN`` (never lowered)."""
-    table = peak_cosines(model, tokenizer, [g[0] for g in gates], prompts)  # [prompts, gates]
-    table.fill_diagonal_(-math.inf)  # a gate is not calibrated on its own prompt
-    out = []
-    for j, g in enumerate(gates):
-        threshold = min(
-            max(g[0].threshold, table[:, j].max().item() + CALIBRATION_MARGIN), MAX_CALIBRATED
-        )
-        out.append((replace(g[0], threshold=threshold), *g[1:]))
-    return out
+def stack_calibrated(model, tokenizer, requests, gates: list[tuple[Gate, ...]]):
+    """The gates as ``neuronpatch.calibrate_stack`` leaves them, on gate-only patches."""
+    base = base_model_info(model)
+    patches = [
+        Patch({}, base, gates=g, requests=(r.to_dict(),))
+        for r, g in zip(requests, gates, strict=True)
+    ]
+    return [p.gates for p in calibrate_stack(model, tokenizer, patches)]
 
 
 def count(model, tokenizer, records, gates) -> dict[str, dict[str, float]]:
@@ -121,9 +111,7 @@ def main() -> None:
             make_gates(model, tokenizer, r, LocalHparams(**LAYER1)) for r in requests
         ],
         "default": default,
-        "default + stack calibration": stack_calibrated(
-            model, tokenizer, [r.prompt for r in requests], default
-        ),
+        "default + stack calibration": stack_calibrated(model, tokenizer, requests, default),
     }
     rows = {name: count(model, tokenizer, records, g) for name, g in variants.items()}
     result = {"model": args.model, "data": DATA.name, "n": len(records), "variants": rows}

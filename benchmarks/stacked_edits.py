@@ -29,6 +29,7 @@ from typing import Any
 
 import neuronpatch
 from neuronpatch.batch import run_batch
+from neuronpatch.calibration import calibrate_stack
 from neuronpatch.datasets import EditRecord, load_records
 from neuronpatch.editor import DEFAULT_METHOD, METHODS
 from neuronpatch.evaluate import LABELS, _scores, _sequences, _split, summarize
@@ -70,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "how gates are made: its neurons and deltas are reused under new gates where that "
         "changes nothing the optimisation saw (see reuse_deltas); the rest are edited afresh",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="stack-calibrate each stack's subject gates (neuronpatch.calibrate_stack) first",
+    )
     args = parser.parse_args(argv)
 
     from neuronpatch.cli import _parse_hparams
@@ -108,16 +114,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hparams": hparams,
         "record_ids": [r.record_id for r, _ in edited],
     }
+    stacks = {**config, "stack_calibration": args.calibrate}
+    tag = "-calibrated" if args.calibrate else ""
     scorer = Scorer(model, tokenizer, [r for r, _ in edited], args.batch_size)
 
     points = [_cached(run_dir / "alone.json", config, lambda: scorer.alone(edited))]
     for size in sizes:
-        cfg = {**config, "record_ids": config["record_ids"][:size]}
+        cfg = {**stacks, "record_ids": config["record_ids"][:size]}
         points.append(
-            _cached(run_dir / f"stack-{size}.json", cfg, lambda s=size: scorer.stacked(edited, s, run_dir))
+            _cached(run_dir / f"stack-{size}{tag}.json", cfg,
+                    lambda s=size: scorer.stacked(edited, s, run_dir, args.calibrate))
         )  # fmt: skip
     result = {
-        "config": {k: v for k, v in config.items() if k != "record_ids"},
+        "config": {k: v for k, v in stacks.items() if k != "record_ids"},
         "edits_made": len(edited),
         "edits_refused": sum(1 for i in batch.items if i.status == "error"),
         "edits_unsuccessful": sum(1 for i in batch.items if i.status == "unsuccessful"),
@@ -216,6 +225,7 @@ class Scorer:
 
     def __init__(self, model, tokenizer, records: list[EditRecord], batch_size: int) -> None:
         self.model, self.batch_size, self.pad = model, batch_size, pad_token_id(tokenizer)
+        self.tokenizer = tokenizer
         self.groups = [_sequences(tokenizer, r) for r in records]  # per record: key -> seqs
         self.records = records
         self._pre: list[dict[str, list[list[int]]]] | None = None
@@ -259,11 +269,20 @@ class Scorer:
                 results.append(self._result(i, pre, self._predict([i])[0]))
         return {"size": 1, "alone": True, **_point(results)}
 
-    def stacked(self, edited: list[tuple[EditRecord, Path]], size: int, run_dir: Path) -> dict:
-        """The first ``size`` edits stacked into one patch, applied together, all scored."""
+    def stacked(
+        self, edited: list[tuple[EditRecord, Path]], size: int, run_dir: Path, calibrate: bool
+    ) -> dict:
+        """The first ``size`` edits stacked into one patch (stack-calibrated first with
+        ``calibrate``), applied together, all scored."""
         pre = self.unedited()
-        patch = stack([Patch.load(path) for _, path in edited[:size]])
-        path = patch.save(run_dir / f"stack-{size}.safetensors")
+        parts = [Patch.load(path) for _, path in edited[:size]]
+        began = time.perf_counter()
+        if calibrate:
+            parts = calibrate_stack(self.model, self.tokenizer, parts)
+        calibrate_s = time.perf_counter() - began
+        patch = stack(parts)
+        tag = "-calibrated" if calibrate else ""
+        path = patch.save(run_dir / f"stack-{size}{tag}.safetensors")
         began = time.perf_counter()
         with neuronpatch.applied(self.model, patch):
             applied_s = time.perf_counter() - began
@@ -277,6 +296,7 @@ class Scorer:
             "shared_neurons": len(patch.metrics["shared_neurons"]),
             "patch_bytes": path.stat().st_size,
             "apply_seconds": round(applied_s, 3),
+            "calibrate_seconds": round(calibrate_s, 3) if calibrate else None,
         }
 
 
@@ -352,6 +372,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{p['patch_bytes']:,}" if "patch_bytes" in p else "—",
         ]
         lines.append(f"| {size} | " + " | ".join(cells + extra) + " |")
+    if cfg.get("stack_calibration"):
+        lines += [
+            "",
+            "Each stack's subject gates were stack-calibrated first (`neuronpatch."
+            "calibrate_stack`: raised above their cosine on the other stacked edits' prompts).",
+        ]
     lines += ["", f"hparams: `{json.dumps(cfg['hparams'])}`", ""]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .arch import supported_model_types
+from .calibration import calibrate_stack
 from .datasets import EditRecord, load_records
 from .editor import edit, locate
 from .errors import NeuronpatchError
@@ -28,6 +29,7 @@ __all__ = [
     "applied",
     "applied_patches",
     "apply",
+    "calibrate_stack",
     "edit",
     "is_merged",
     "load_model",

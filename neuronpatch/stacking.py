@@ -530,10 +530,14 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     inputs = [Patch.load(path) for path in args.patches]
     parts = flatten(inputs)
-    stacked = stack(inputs)
     for patch in inputs:
         if is_stacked(patch):
             print(f"{patch.label} is a stack of {len(patch.extra[STACK_KEY])} edits: taken apart")
+    if args.calibrate:
+        parts = _calibrated_parts(parts, args.model, args.device)
+    elif args.model or args.device:
+        raise StackError("--model and --device only matter with --calibrate; add --calibrate")
+    stacked = stack(parts)
     shared = stacked.metrics["shared_neurons"]
     if shared:
         print(f"{len(shared)} neuron(s) touched by several edits, summed into one row each:")
@@ -548,6 +552,40 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         f"{list(stacked.layers)}, {len(stacked.gates)} gates, {path.stat().st_size:,} bytes"
     )
     return 0
+
+
+def _calibrated_parts(parts: list[Patch], model_name: str | None, device: str | None) -> list:
+    """``calibration.calibrate_stack`` on the model, with a summary of what it raised."""
+    from .calibration import calibrate_stack
+    from .cli import _load
+    from .local import MAX_CALIBRATED
+
+    if not parts:
+        raise StackError("nothing to stack: give at least one patch")
+    model, tokenizer = _load(model_name or parts[0].base.name_or_path, device)
+    calibrated = calibrate_stack(model, tokenizer, parts)
+    pairs = [
+        (before.threshold, after.threshold)
+        for old, new in zip(parts, calibrated, strict=True)
+        for before, after in zip(old.gates, new.gates, strict=True)
+        if before.kind == "subject"
+    ]
+    if not pairs:
+        print("no subject gates to calibrate: the patches are stacked as they are")
+        return calibrated
+    raised = [(a, b) for a, b in pairs if b > a]
+    print(
+        f"stack calibration: {len(raised)} of {len(pairs)} subject gates raised to stay shut on "
+        "the other edits' prompts"
+        + (f" (by {sum(b - a for a, b in raised) / len(raised):.3f} on average)" if raised else "")
+    )
+    capped = sum(1 for _, b in pairs if b >= MAX_CALIBRATED)
+    if capped:
+        print(
+            f"  {capped} reached the cap {MAX_CALIBRATED}: another edit's prompt looks like its "
+            "subject to the gate, so it opens only on near-verbatim mentions of its own subject"
+        )
+    return calibrated
 
 
 def _cmd_unstack(args: argparse.Namespace) -> int:
@@ -640,11 +678,21 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
             "share a base model. Neurons touched by several edits (same layer, neuron and "
             "gate) are summed into one row and listed. Each edit's provenance is kept, so "
             "`neuronpatch unstack` gives back the original files byte for byte. A stacked "
-            "input is taken apart into its edits first."
+            "input is taken apart into its edits first. With --calibrate, each subject gate is "
+            "first raised to stay shut on the other edits' prompts (needs the base model)."
         ),
     )
     p.add_argument("patches", nargs="+", metavar="PATCH", help="patch files to stack")
     p.add_argument("-o", "--output", required=True, help="where to write the stacked patch")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="raise each subject gate's threshold so it stays shut on the other edits' prompts "
+        "(loads the base model; recommended for stacks of gated edits, see "
+        "neuronpatch.calibration)",
+    )
+    p.add_argument("--model", help="with --calibrate: the base model (default: the patches' base)")
+    p.add_argument("--device", help="with --calibrate: where the model runs (default: cpu)")
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser(
