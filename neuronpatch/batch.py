@@ -366,7 +366,7 @@ def _jsonable(value: Any) -> bool:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .cli import _load, _parse_hparams  # imported here: cli imports this module
-    from .stacking import stack
+    from .stacking import calibrate_verbosely, stack
 
     requests = read_requests(args.requests, args.format, args.n)
     if not requests:
@@ -380,7 +380,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         paths = result.paths(args.stack_unsuccessful)
         if not paths:
             raise BatchError(f"no successful edit to stack into {args.stack}")
-        stacked = stack([Patch.load(p) for p in paths])
+        parts = [Patch.load(p) for p in paths]
+        if not args.no_calibrate:
+            parts = calibrate_verbosely(model, tokenizer, parts)
+        stacked = stack(parts)
         saved = stacked.save(args.stack)
         shared = len(stacked.metrics["shared_neurons"])
         print(
@@ -428,5 +431,11 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
         "--stack-unsuccessful",
         action="store_true",
         help="with --stack, also stack the edits that did not reach their target",
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="with --stack, stack the patches as they are; by default each subject gate is "
+        "first raised to stay shut on the other edits' prompts (neuronpatch.calibrate_stack)",
     )
     p.set_defaults(func=_cmd_batch)

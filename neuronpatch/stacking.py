@@ -534,9 +534,19 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         if is_stacked(patch):
             print(f"{patch.label} is a stack of {len(patch.extra[STACK_KEY])} edits: taken apart")
     if args.calibrate:
-        parts = _calibrated_parts(parts, args.model, args.device)
+        from .cli import _load
+
+        if not parts:
+            raise StackError("nothing to stack: give at least one patch")
+        model, tokenizer = _load(args.model or parts[0].base.name_or_path, args.device)
+        parts = calibrate_verbosely(model, tokenizer, parts)
     elif args.model or args.device:
         raise StackError("--model and --device only matter with --calibrate; add --calibrate")
+    elif any(g.kind == "subject" for p in parts for g in p.gates):
+        print(
+            "hint: these patches have subject gates, which can open on each other's prompts; "
+            "--calibrate raises them to stay shut there (loads the base model)"
+        )
     stacked = stack(parts)
     shared = stacked.metrics["shared_neurons"]
     if shared:
@@ -554,15 +564,11 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated_parts(parts: list[Patch], model_name: str | None, device: str | None) -> list:
-    """``calibration.calibrate_stack`` on the model, with a summary of what it raised."""
+def calibrate_verbosely(model, tokenizer, parts: list[Patch]) -> list[Patch]:
+    """``calibration.calibrate_stack``, printing a summary of what it raised."""
     from .calibration import calibrate_stack
-    from .cli import _load
     from .local import MAX_CALIBRATED
 
-    if not parts:
-        raise StackError("nothing to stack: give at least one patch")
-    model, tokenizer = _load(model_name or parts[0].base.name_or_path, device)
     calibrated = calibrate_stack(model, tokenizer, parts)
     pairs = [
         (before.threshold, after.threshold)

@@ -188,6 +188,32 @@ def test_cli_batch_reports_failures_and_stacks_the_successes(model, tmp_path, mo
     assert not (out / batch.FAILURES_FILE).exists()
 
 
+def test_cli_batch_stack_calibrates_gated_edits_unless_told_not_to(
+    model, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("neuronpatch.cli._load", lambda name, device=None: (model, TinyTokenizer()))
+    data = tmp_path / "requests.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    out = tmp_path / "patches"
+    # a subject gate at layer 0, its threshold low enough for the tiny prompts to cross-match
+    gated = {**HPARAMS, "gate_key": "subject", "gate_layer": 0, "gate_threshold": 0.2}
+    hparams = ["--method", "local", *(f"--hparam={k}={v}" for k, v in gated.items())]
+    args = ["batch", str(data), "--model", "tiny", "-o", str(out), *hparams, "--stack-unsuccessful"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny model may not reach its targets
+        assert main([*args, "--stack", str(tmp_path / "c.safetensors")]) == 0
+        assert "subject gates raised" in capsys.readouterr().out
+        assert main([*args, "--stack", str(tmp_path / "p.safetensors"), "--no-calibrate"]) == 0
+    files = sorted(out.glob("*.safetensors"))
+    plain = unstack(Patch.load(tmp_path / "p.safetensors"))
+    assert [p.to_bytes() for p in plain] == [f.read_bytes() for f in files]
+    calibrated = unstack(Patch.load(tmp_path / "c.safetensors"))
+    assert all("stack_calibration" in p.extra for p in calibrated)
+    before = [g.threshold for p in plain for g in p.gates]
+    after = [g.threshold for p in calibrated for g in p.gates]
+    assert all(a >= b for a, b in zip(after, before, strict=True)) and after != before
+
+
 def test_batch_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["batch", "--help"])

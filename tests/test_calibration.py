@@ -198,8 +198,10 @@ def test_a_calibrated_stack_answers_each_prompt_as_its_own_edit_alone(smollm2, t
                for a, b in zip(p.gates, q.gates, strict=True))  # fmt: skip
 
 
-def test_cli_refuses_model_without_calibrate(llama, tmp_path, capsys):
+def test_cli_refuses_model_without_calibrate_and_hints_at_it(llama, tmp_path, capsys):
     file = gated(llama, TINY_REQUESTS[0], 0).save(tmp_path / "a.safetensors")
     assert main(["stack", str(file), "-o", str(tmp_path / "s.safetensors"), "--model", "x"]) == 2
     assert "add --calibrate" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()
+    assert main(["stack", str(file), "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert "hint: these patches have subject gates" in capsys.readouterr().out
