@@ -437,18 +437,8 @@ def _optimise(
         gate(input_ids, attention_mask)[..., None].float() if gate is not None else None
     )  # [B, S, 1]
 
-    # Logits from position ``start`` on only. Before the first position any row's gate opens,
-    # no delta is added and (causally) nothing sees one, so those positions' logits and KL
-    # terms (exactly 0) need no lm_head; the answer positions are always kept. The KL means
-    # keep their full denominators, so loss and gradient are unchanged.
-    start = 0
-    if gate_mask is not None:
-        opened = (gate_mask[..., 0] > 0).any(0)  # [S]: open in some row
-        first_open = int(opened.nonzero()[0]) if bool(opened.any()) else input_ids.shape[1]
-        start = min(first_open, tf.prompt_len - 1)
-    keep = input_ids.shape[1] - start if start else 0  # logits_to_keep: 0 keeps all
-    positions = tf.answer_positions.to(device) - start  # in kept logits
-    prompt_kl = tf.prompt_len - 1  # KL on the prompt but its last position
+    positions = tf.answer_positions.to(device)
+    prompt_positions = slice(0, tf.prompt_len - 1)  # KL on the prompt but its last position
     stop_nll = -math.log(hp.early_stop_prob)
 
     steps, min_prob = 0, 0.0
@@ -457,20 +447,13 @@ def _optimise(
         _replayed_prefix(arch, first_edited, input_ids, model, attention_mask) as orig,
         _trainable_deltas(arch, index_tensors, deltas, gate_mask),
     ):
-        orig_logp = F.log_softmax(orig[0, start:prompt_kl].float(), dim=-1)  # [P-1-start, vocab]
+        orig_logp = F.log_softmax(orig[0, prompt_positions].float(), dim=-1)  # [P-1, vocab]
         if negatives is not None:
-            neg_count = max(int(kl_mask.sum()), 1)
-            kl_kept = kl_mask[:, start:]  # [N, S - start]
-            neg_orig = F.log_softmax(orig[1:, start:][kl_kept].float(), dim=-1)  # [M', vocab]
+            neg_orig = F.log_softmax(orig[1:][kl_mask].float(), dim=-1)  # [M, vocab]
         while True:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-            all_logp = F.log_softmax(out.logits.float(), dim=-1)  # [B, S - start, vocab]
-            logp = all_logp[0, : length - start]  # [S0 - start, vocab]
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            all_logp = F.log_softmax(out.logits.float(), dim=-1)  # [B, S, vocab]
+            logp = all_logp[0, :length]  # [S0, vocab]
             target_logp = logp[positions, tf.answer_ids]  # [T]
             min_prob = float(target_logp.detach().min().exp())
             if progress is not None:
@@ -478,10 +461,10 @@ def _optimise(
             loss_edit = -target_logp.min()
             if float(loss_edit.detach()) < stop_nll or steps >= hp.max_steps:
                 break
-            new_logp = logp[: prompt_kl - start]  # [P-1-start, vocab]
+            new_logp = logp[prompt_positions]  # [P-1, vocab]
             kl = (
-                (orig_logp.exp() * (orig_logp - new_logp)).sum() / prompt_kl
-                if prompt_kl > start
+                (orig_logp.exp() * (orig_logp - new_logp)).sum(-1).mean()
+                if tf.prompt_len > 1
                 else logp.new_zeros(())
             )
             p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
@@ -489,8 +472,8 @@ def _optimise(
             norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
             loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
             if negatives is not None and len(neg_orig):
-                neg_new = all_logp[1:][kl_kept]  # [M', vocab]
-                neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum() / neg_count
+                neg_new = all_logp[1:][kl_mask]  # [M, vocab]
+                neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum(-1).mean()
                 loss = loss + negatives.weight * neg_kl
             optimizer.zero_grad()
             loss.backward()
