@@ -11,6 +11,9 @@ requests refused outright are left out and counted.
 
     # the real run (hours of editing on this 2-core CPU; rerun to resume):
     python benchmarks/stacked_edits.py --sizes 100 400 800
+    # each stack stack-calibrated first (neuronpatch.calibrate_stack), as batch --stack does:
+    python benchmarks/stacked_edits.py --sizes 100 400 800 --calibrate \
+        --out benchmarks/results/stacked_edits_calibrated
     # a smoke test:
     python benchmarks/stacked_edits.py --sizes 2 4 --run-dir /tmp/stacked --out /tmp/stacked/res
 

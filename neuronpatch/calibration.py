@@ -18,6 +18,9 @@ measurement this cuts other patches opening to 0.14 per relation-specificity pro
 forgetfulness 0, and the price is aliases: a record's own gates open on 74.0 % of its
 subject-alias prompts instead of 91.0 %.
 
+End to end, 800 stacked WikiData_counterfact edits of smollm2-135m keep Edit 97.6, RSA 88.5,
+FA 87.1, at SAA 74.7 (90.5 alone): ``benchmarks/results/stacked_edits_calibrated.md``.
+
 The patches' deltas, neurons and query gates are untouched; only subject thresholds rise,
 and each calibrated patch records what was raised in ``extra["stack_calibration"]``.
 """
