@@ -147,13 +147,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  size     {info['file_bytes']:,} bytes, {patch.num_params:,} parameters, "
         f"{patch.num_neurons} neurons in layers {info['layers']}"
     )
+    calibration = patch.extra.get("stack_calibration") or {}
+    original = calibration.get("original_thresholds") or []
     for g, gate in enumerate(patch.gates):
+        raised = g < len(original) and original[g] != gate.threshold
         print(
             f"  gate {g}   {gate.kind}: open "
             + ("from the first" if gate.span is None else f"for {gate.span} positions from each")
             + f" position whose residual after layer {gate.layer} has cosine > {gate.threshold}"
             + " with the key"
             + ("" if gate.requires is None else f", where gate {gate.requires} is open too")
+            + (
+                f" (raised from {original[g]} by stack calibration against "
+                f"{calibration.get('edits')} edits)"
+                if raised
+                else ""
+            )
         )
     if patch.metrics:
         print(f"  metrics  {json.dumps(patch.metrics)}")

@@ -103,6 +103,17 @@ def test_each_subject_gate_is_raised_above_the_other_edits_prompts_and_no_furthe
     assert [p.gates[0].threshold for p in patches] == [THRESHOLD] * 3
 
 
+def test_inspect_says_which_thresholds_stack_calibration_raised(llama, tmp_path, capsys):
+    patches = [gated(llama, r, i) for i, r in enumerate(TINY_REQUESTS[:3])]
+    calibrated = calibrate_stack(llama, TinyTokenizer(), patches)
+    for old, new in zip(patches, calibrated, strict=True):
+        path = new.save(tmp_path / "p.safetensors")
+        assert main(["inspect", str(path), "--no-model"]) == 0
+        text = capsys.readouterr().out
+        raised = new.gates[0].threshold > old.gates[0].threshold
+        assert (f"(raised from {THRESHOLD} by stack calibration against 3 edits)" in text) == raised
+
+
 def test_prompts_naming_the_gates_own_subject_do_not_raise_it(llama):
     tok = TinyTokenizer()
     same_subject = [gated(llama, TINY_REQUESTS[0], 0), gated(llama, TINY_REQUESTS[3], 3)]
