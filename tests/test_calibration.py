@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,10 +37,10 @@ TINY_REQUESTS = [
 ]
 
 
-def gated(model, request: dict, seed: int) -> Patch:
+def gated(model, request: dict, seed: int, hp: LocalHparams = SUBJECT_HP) -> Patch:
     """A patch with the gates ``method="local"`` makes and two random rows behind them."""
     tok, arch = TinyTokenizer(), resolve(model)
-    gates = make_gates(model, tok, EditRequest.coerce(request), SUBJECT_HP)
+    gates = make_gates(model, tok, EditRequest.coerce(request), hp)
     g = torch.Generator().manual_seed(seed)
     rows = (
         torch.randperm(arch.intermediate_size, generator=g)[:2],  # [2]
@@ -47,7 +48,7 @@ def gated(model, request: dict, seed: int) -> Patch:
         torch.zeros(2, dtype=torch.int64),  # both rows behind gate 0
     )
     return Patch(
-        {1: rows},
+        {gates[-1].layer + 1: rows},  # above the gate
         base_model_info(model),
         base_fingerprint=fingerprint.compute(arch),
         gates=gates,
@@ -101,6 +102,22 @@ def test_each_subject_gate_is_raised_above_the_other_edits_prompts_and_no_furthe
     assert raised, "the tiny prompts should cross-match somewhere, or this test checks nothing"
     # the inputs are untouched (patches are immutable, but check the thresholds anyway)
     assert [p.gates[0].threshold for p in patches] == [THRESHOLD] * 3
+
+
+def test_gates_reading_different_layers_are_each_calibrated_on_their_own_layer(llama):
+    at_layer_1 = replace(SUBJECT_HP, gate_layer=1)
+    patches = [
+        gated(llama, TINY_REQUESTS[0], 0),
+        gated(llama, TINY_REQUESTS[1], 1, at_layer_1),
+        gated(llama, TINY_REQUESTS[2], 2, at_layer_1),
+    ]
+    assert [p.gates[0].layer for p in patches] == [0, 1, 1]
+    calibrated = calibrate_stack(llama, TinyTokenizer(), patches)
+    for i, (old, new) in enumerate(zip(patches, calibrated, strict=True)):
+        others = [peak(llama, old.gates[0], r["prompt"]) for j, r in enumerate(TINY_REQUESTS[:3])
+                  if j != i]  # fmt: skip
+        want = max(THRESHOLD, min(max(others) + CALIBRATION_MARGIN, MAX_CALIBRATED))
+        assert new.gates[0].threshold == pytest.approx(want, abs=1e-6)
 
 
 def test_inspect_says_which_thresholds_stack_calibration_raised(llama, tmp_path, capsys):
