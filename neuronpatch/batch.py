@@ -365,8 +365,9 @@ def _jsonable(value: Any) -> bool:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_verbosely
     from .cli import _load, _parse_hparams  # imported here: cli imports this module
-    from .stacking import calibrate_verbosely, stack
+    from .stacking import stack
 
     requests = read_requests(args.requests, args.format, args.n)
     if not requests:

@@ -100,6 +100,7 @@ def calibrate_stack(
     # every edit's prompts, with the part each belongs to: P prompts
     asked = [(i, r["prompt"]) for i, p in enumerate(parts) for r in p.requests if r.get("prompt")]
     prompts = [prompt for _, prompt in asked]
+    folded = [prompt.casefold() for prompt in prompts]
     # the subject gates of every part, as (part, gate index): G gates
     where = [
         (i, g)
@@ -113,11 +114,8 @@ def calibrate_stack(
     # a gate is not calibrated on its own edit's prompts, nor on any naming its subject
     excluded = torch.tensor(
         [
-            [
-                owner == i or any(s in prompt.casefold() for s in subjects[j])
-                for j, (i, _) in enumerate(where)
-            ]
-            for owner, prompt in asked
+            [owner == i or any(s in prompt for s in subjects[j]) for j, (i, _) in enumerate(where)]
+            for (owner, _), prompt in zip(asked, folded, strict=True)
         ],
         dtype=torch.bool,
     ).reshape(len(prompts), len(where))  # [P, G]
@@ -154,3 +152,30 @@ def _calibrated(patch: Patch, thresholds: dict[int, float], edits: int, margin: 
         "thresholds": [g.threshold for g in gates],
     }
     return replace(patch, gates=gates, extra={**patch.extra, CALIBRATION_KEY: record}, source=None)
+
+
+def calibrate_verbosely(model, tokenizer, parts: list[Patch]) -> list[Patch]:
+    """``calibrate_stack``, printing a summary of what it raised."""
+    calibrated = calibrate_stack(model, tokenizer, parts)
+    pairs = [
+        (before.threshold, after.threshold)
+        for old, new in zip(parts, calibrated, strict=True)
+        for before, after in zip(old.gates, new.gates, strict=True)
+        if before.kind == "subject"
+    ]
+    if not pairs:
+        print("no subject gates to calibrate: the patches are stacked as they are")
+        return calibrated
+    raised = [(a, b) for a, b in pairs if b > a]
+    print(
+        f"stack calibration: {len(raised)} of {len(pairs)} subject gates raised to stay shut on "
+        "the other edits' prompts"
+        + (f" (by {sum(b - a for a, b in raised) / len(raised):.3f} on average)" if raised else "")
+    )
+    capped = sum(1 for _, b in pairs if b >= MAX_CALIBRATED)
+    if capped:
+        print(
+            f"  {capped} reached the cap {MAX_CALIBRATED}: another edit's prompt looks like its "
+            "subject to the gate, so it opens only on near-verbatim mentions of its own subject"
+        )
+    return calibrated

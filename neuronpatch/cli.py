@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from . import batch, hub, peft_export, runtime, stacking
+from .calibration import CALIBRATION_KEY
 from .editor import DEFAULT_METHOD, METHODS, edit, make_hparams
 from .errors import NeuronpatchError
 from .evaluate import add_eval_subparser
@@ -147,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  size     {info['file_bytes']:,} bytes, {patch.num_params:,} parameters, "
         f"{patch.num_neurons} neurons in layers {info['layers']}"
     )
-    calibration = patch.extra.get("stack_calibration") or {}
+    calibration = patch.extra.get(CALIBRATION_KEY) or {}
     original = calibration.get("original_thresholds") or []
     for g, gate in enumerate(patch.gates):
         raised = g < len(original) and original[g] != gate.threshold

@@ -534,6 +534,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         if is_stacked(patch):
             print(f"{patch.label} is a stack of {len(patch.extra[STACK_KEY])} edits: taken apart")
     if args.calibrate:
+        from .calibration import calibrate_verbosely
         from .cli import _load
 
         if not parts:
@@ -562,36 +563,6 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         f"{list(stacked.layers)}, {len(stacked.gates)} gates, {path.stat().st_size:,} bytes"
     )
     return 0
-
-
-def calibrate_verbosely(model, tokenizer, parts: list[Patch]) -> list[Patch]:
-    """``calibration.calibrate_stack``, printing a summary of what it raised."""
-    from .calibration import calibrate_stack
-    from .local import MAX_CALIBRATED
-
-    calibrated = calibrate_stack(model, tokenizer, parts)
-    pairs = [
-        (before.threshold, after.threshold)
-        for old, new in zip(parts, calibrated, strict=True)
-        for before, after in zip(old.gates, new.gates, strict=True)
-        if before.kind == "subject"
-    ]
-    if not pairs:
-        print("no subject gates to calibrate: the patches are stacked as they are")
-        return calibrated
-    raised = [(a, b) for a, b in pairs if b > a]
-    print(
-        f"stack calibration: {len(raised)} of {len(pairs)} subject gates raised to stay shut on "
-        "the other edits' prompts"
-        + (f" (by {sum(b - a for a, b in raised) / len(raised):.3f} on average)" if raised else "")
-    )
-    capped = sum(1 for _, b in pairs if b >= MAX_CALIBRATED)
-    if capped:
-        print(
-            f"  {capped} reached the cap {MAX_CALIBRATED}: another edit's prompt looks like its "
-            "subject to the gate, so it opens only on near-verbatim mentions of its own subject"
-        )
-    return calibrated
 
 
 def _cmd_unstack(args: argparse.Namespace) -> int:
