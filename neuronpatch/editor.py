@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
 from . import fine, kne
-from .errors import InvalidHparamsError
-from .fine import FineHparams, NeuronScore, edit_fine
-from .kne import KneHparams, edit_kne
-from .local import LocalHparams, edit_local
+from .errors import InvalidHparamsError, NeuronpatchError
+from .fine import (
+    EditJob,
+    FineHparams,
+    NeuronScore,
+    finish_edit,
+    optimise_jobs,
+    prepare_fine,
+    run_job,
+    run_jobs,
+)
+from .kne import KneHparams, prepare_kne
+from .local import LocalHparams, prepare_local, shared_centres
 from .patch import Patch
 from .request import EditRequest
 
 RequestLike = EditRequest | Mapping[str, Any]
 
-# method name -> (hyperparameter dataclass, function(model, tokenizer, request, hparams, progress))
-METHODS: dict[str, tuple[type, Callable[..., Patch]]] = {
-    "fine": (FineHparams, edit_fine),
-    "local": (LocalHparams, edit_local),
-    "kne": (KneHparams, edit_kne),
+# method name -> (hyperparameter dataclass, function(model, tokenizer, request, hparams) -> the
+# located edit, which fine.run_job / fine.run_jobs optimise into a Patch)
+METHODS: dict[str, tuple[type, Callable[..., EditJob]]] = {
+    "fine": (FineHparams, prepare_fine),
+    "local": (LocalHparams, prepare_local),
+    "kne": (KneHparams, prepare_kne),
 }
 # what a user gets without naming a method: the gated, locality-preserving edit (README,
 # "Edits that stay local"); method="fine" is the paper's method exactly
@@ -67,18 +79,78 @@ def edit(
     *,
     hparams: Any = None,
     progress: Callable[[int, float], None] | None = None,
+    batch_size: int = 1,
     **overrides: Any,
 ) -> Patch | list[Patch]:
     """Edit one fact (or each of a list, independently) and return the patch(es).
 
     The model is left bitwise unchanged; apply the result with ``neuronpatch.apply``.
+    A list is edited ``batch_size`` requests at a time: with more than one, their
+    optimisations share each forward and backward pass (several times the throughput on a
+    CPU; ``benchmarks/results/edit_speed.md``) and each patch equals its edit alone up to
+    floating-point rounding. ``batch_size=1`` gives exactly the patches of single edits.
+    ``progress(step, min_target_prob)`` is called after every forward pass (in a batch: the
+    lowest probability of the edits still running).
     """
     hp = make_hparams(method, hparams, **overrides)
-    run = METHODS[method][1]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidHparamsError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    prepare = METHODS[method][1]
     if isinstance(request, (list, tuple)):
         requests = [EditRequest.coerce(r) for r in request]  # validate all before editing any
-        return [run(model, tokenizer, r, hp, progress) for r in requests]
-    return run(model, tokenizer, EditRequest.coerce(request), hp, progress)
+        with shared_centres():  # the model does not change between the requests
+            jobs = [prepare(model, tokenizer, r, hp) for r in requests]
+        return run_jobs(model, jobs, progress, batch_size=batch_size)
+    return run_job(model, prepare(model, tokenizer, EditRequest.coerce(request), hp), progress)
+
+
+@dataclass
+class Outcome:
+    """One request's edit in ``edit_each``: its patch, or the error that stopped it, with the
+    warnings it raised and the seconds it took (its share of a batch's steps)."""
+
+    patch: Patch | None = None
+    error: NeuronpatchError | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def edit_each(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    method: str,
+    hparams: Any,
+    *,
+    batch_size: int = 1,
+) -> list[Outcome]:
+    """``edit`` for tools that edit many requests (``batch``, ``eval``): a request whose
+    preparation fails gets its error and the others go on, and each keeps its own warnings.
+    ``hparams`` is the method's dataclass (``make_hparams``)."""
+    prepare = METHODS[method][1]
+    outcomes = [Outcome() for _ in requests]
+    jobs: dict[int, EditJob] = {}
+    with shared_centres():
+        for i, request in enumerate(requests):
+            started = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    jobs[i] = prepare(model, tokenizer, request, hparams)
+                except NeuronpatchError as exc:
+                    outcomes[i].error = exc
+            outcomes[i].warnings += [str(w.message) for w in caught]
+            outcomes[i].seconds = time.perf_counter() - started
+    order = list(jobs)
+    optimised = optimise_jobs(model, [jobs[i] for i in order], batch_size=batch_size)
+    for i, done in zip(order, optimised, strict=True):
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcomes[i].patch = finish_edit(model, jobs[i], done)
+        outcomes[i].warnings += [str(w.message) for w in caught]
+        outcomes[i].seconds += done.seconds + time.perf_counter() - started
+    return outcomes
 
 
 def locate(

@@ -12,6 +12,7 @@ The result is a Patch; the model itself is never modified.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -292,6 +293,38 @@ class Negatives:
     gate: torch.Tensor | None = None  # float [N, S]: where a gated patch would be open
 
 
+@dataclass
+class EditJob:
+    """One request, located and ready to optimise (``prepare_edit``); ``run_job`` finishes it.
+
+    Several jobs made with the same hyperparameters can be optimised in one batch
+    (``run_jobs``)."""
+
+    request: EditRequest
+    method: str
+    hp: FineHparams
+    tf: TeacherForced
+    neurons: list[NeuronScore]
+    groups: dict[int, list[int]]  # layer -> neuron indices, ascending
+    index_tensors: dict[int, torch.Tensor]  # the same, as int64 tensors on the model's device
+    gate: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    negatives: Negatives | None = None
+    gates: tuple = ()
+    extra: dict | None = None
+    seconds: float = 0.0  # spent preparing
+
+
+@dataclass
+class Optimised:
+    """What optimising one job gave: its deltas ([k_l, hidden] per layer), the steps taken,
+    the final minimum target-token probability, and its share of the wall time."""
+
+    deltas: dict[int, torch.Tensor]
+    steps: int
+    min_prob: float
+    seconds: float
+
+
 def edit_fine(
     model: nn.Module,
     tokenizer,
@@ -303,15 +336,21 @@ def edit_fine(
 
     ``progress(step, min_target_prob)`` is called after every forward pass.
     """
-    return run_edit(model, tokenizer, request, hparams or FineHparams(), progress, method="fine")
+    return run_job(model, prepare_fine(model, tokenizer, request, hparams), progress)
 
 
-def run_edit(
+def prepare_fine(
+    model: nn.Module, tokenizer, request: EditRequest | dict, hparams: FineHparams | None = None
+) -> EditJob:
+    """FiNE's location for ``request``: the job ``run_job`` / ``run_jobs`` optimise."""
+    return prepare_edit(model, tokenizer, request, hparams or FineHparams(), method="fine")
+
+
+def prepare_edit(
     model: nn.Module,
     tokenizer,
     request: EditRequest | dict,
     hp: FineHparams,
-    progress: Callable[[int, float], None] | None = None,
     *,
     method: str,
     layers: Sequence[int] | None = None,
@@ -320,8 +359,8 @@ def run_edit(
     gates: tuple = (),
     extra: dict | None = None,
     locator: Callable[..., list[NeuronScore]] | None = None,
-) -> Patch:
-    """FiNE's locate + optimise, with the hooks the locality-aware variants need.
+) -> EditJob:
+    """FiNE's location, with the hooks the locality-aware variants need.
 
     ``layers`` overrides where neurons may be located; ``gate(ids [B, S], mask) -> [B, S]``
     gives where the patch will be open (its rows are multiplied by it during optimisation);
@@ -351,24 +390,111 @@ def run_edit(
             groups.setdefault(neuron.layer, []).append(neuron.index)
         index_tensors = {layer: torch.tensor(ix, device=device) for layer, ix in groups.items()}
         negs = negatives(request) if negatives is not None else None
-        deltas, steps, min_prob = _optimise(
-            model, arch, tf, index_tensors, hp, progress, gate=gate, negatives=negs
-        )
+    return EditJob(
+        request,
+        method,
+        hp,
+        tf,
+        neurons,
+        groups,
+        index_tensors,
+        gate,
+        negs,
+        gates,
+        extra,
+        time.perf_counter() - started,
+    )
 
+
+def run_job(
+    model: nn.Module, job: EditJob, progress: Callable[[int, float], None] | None = None
+) -> Patch:
+    """Optimise one prepared edit on its own and return its Patch."""
+    return finish_edit(model, job, optimise_jobs(model, [job], progress)[0])
+
+
+def run_jobs(
+    model: nn.Module,
+    jobs: Sequence[EditJob],
+    progress: Callable[[int, float], None] | None = None,
+    *,
+    batch_size: int = 1,
+) -> list[Patch]:
+    """Optimise prepared edits, ``batch_size`` at a time (``optimise_jobs``); their Patches."""
+    optimised = optimise_jobs(model, jobs, progress, batch_size=batch_size)
+    return [finish_edit(model, job, result) for job, result in zip(jobs, optimised, strict=True)]
+
+
+def optimise_jobs(
+    model: nn.Module,
+    jobs: Sequence[EditJob],
+    progress: Callable[[int, float], None] | None = None,
+    *,
+    batch_size: int = 1,
+    done: Callable[[int, Optimised], None] | None = None,
+) -> list[Optimised]:
+    """Learn each job's deltas; jobs are independent edits of the unedited model.
+
+    With ``batch_size`` 1, or for a job with negatives (its batch already holds them), a job
+    is optimised on its own (``_optimise``: exactly a single edit); otherwise up to
+    ``batch_size`` share each forward and backward pass (``_optimise_batch``: the same result
+    up to floating-point rounding). All jobs must share their hyperparameters. ``done(i,
+    result)`` is called as job i finishes.
+    """
+    if len({job.hp for job in jobs}) > 1:
+        raise InvalidHparamsError("edits optimised together must share their hyperparameters")
+    arch = resolve(model)
+    results: list[Optimised | None] = [None] * len(jobs)
+    together = [i for i, job in enumerate(jobs) if job.negatives is None] if batch_size > 1 else []
+    with _frozen(model):
+        for i, job in enumerate(jobs):
+            if i in together:
+                continue
+            started = time.perf_counter()
+            deltas, steps, min_prob = _optimise(
+                model,
+                arch,
+                job.tf,
+                job.index_tensors,
+                job.hp,
+                progress,
+                gate=job.gate,
+                negatives=job.negatives,
+            )
+            results[i] = Optimised(deltas, steps, min_prob, time.perf_counter() - started)
+            if done is not None:
+                done(i, results[i])
+        if together:
+
+            def finished(position: int, result: Optimised) -> None:
+                results[together[position]] = result
+                if done is not None:
+                    done(together[position], result)
+
+            _optimise_batch(
+                model, arch, [jobs[i] for i in together], batch_size, progress, finished
+            )
+    return results  # type: ignore[return-value]
+
+
+def finish_edit(model: nn.Module, job: EditJob, done: Optimised) -> Patch:
+    """The Patch of an optimised job (warning if it stopped short or had nothing to do)."""
+    request, hp, steps, min_prob = job.request, job.hp, done.steps, done.min_prob
     success = min_prob > hp.early_stop_prob
     metrics = {
         "steps": steps,
         "target_prob": round(min_prob, 6),
         "success": success,
-        "num_neurons": len(neurons),
+        "num_neurons": len(job.neurons),
     }
     if "SOURCE_DATE_EPOCH" not in os.environ:  # a pinned clock means: no clock readings at all
-        metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
+        metrics["wall_time_s"] = round(job.seconds + done.seconds, 3)
+    gates = job.gates
     if steps == 0:
         warnings.warn(
             f"the model already predicts {request.target_new!r} for {request.prompt!r} "
             f"(every target token p > {hp.early_stop_prob}); the patch is empty",
-            stacklevel=3,
+            stacklevel=4,
         )
         patch_layers: dict[int, tuple] = {}
         gates = ()
@@ -378,25 +504,55 @@ def run_edit(
                 f"edit of {request.prompt!r} -> {request.target_new!r} stopped after {steps} steps "
                 f"with target probability {min_prob:.3f} < {hp.early_stop_prob}; "
                 "try a higher lr or more max_steps",
-                stacklevel=3,
+                stacklevel=4,
             )
         patch_layers = {
-            layer: (index_tensors[layer].cpu(), deltas[layer].detach().cpu())
+            layer: (job.index_tensors[layer].cpu(), done.deltas[layer].detach().cpu())
             # every row guarded by the last gate (which may require the earlier ones)
-            + ((torch.full((len(groups[layer]),), len(gates) - 1),) if gates else ())
-            for layer in groups
+            + ((torch.full((len(job.groups[layer]),), len(gates) - 1),) if gates else ())
+            for layer in job.groups
         }
+    arch = resolve(model)
     return Patch(
         layers=patch_layers,
         base=base_model_info(model),
         base_fingerprint=fingerprint.compute(arch),
         gates=gates,
         requests=(request.to_dict(),),
-        method=method,
+        method=job.method,
         hparams=asdict(hp),
         metrics=metrics,
-        extra={"neurons": [asdict(n) for n in neurons], **(extra or {})},
+        extra={"neurons": [asdict(n) for n in job.neurons], **(job.extra or {})},
     )
+
+
+def _fine_loss(
+    logp: torch.Tensor,
+    tf: TeacherForced,
+    orig_logp: torch.Tensor,
+    deltas: dict[int, torch.Tensor],
+    hp: FineHparams,
+    target_logp: torch.Tensor,
+    start: int = 0,
+) -> torch.Tensor:
+    """FiNE's loss for one edit sequence: ``logp`` [S - start, vocab] edited from position
+    ``start`` on, ``orig_logp`` [P-1, vocab] unedited on the prompt, ``target_logp`` [T] the
+    target tokens' log-probabilities.
+
+    With ``start`` > 0 the positions before it are left out: the caller guarantees that the
+    deltas do not reach them (a gate still shut there), so their KL terms are 0; the KL is
+    still the mean over the prompt's P-1 positions."""
+    loss_edit = -target_logp.min()
+    if tf.prompt_len - 1 <= start:
+        kl = logp.new_zeros(())
+    else:
+        new_logp = logp[: tf.prompt_len - 1 - start]  # the prompt but its last position
+        terms = (orig_logp[start:].exp() * (orig_logp[start:] - new_logp)).sum(-1)
+        kl = terms.mean() if start == 0 else terms.sum() / (tf.prompt_len - 1)
+    p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
+    penalty = -torch.log1p(-p_after.clamp(max=1 - 1e-6)).max()
+    norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
+    return loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
 
 
 def _optimise(
@@ -438,7 +594,6 @@ def _optimise(
     )  # [B, S, 1]
 
     positions = tf.answer_positions.to(device)
-    prompt_positions = slice(0, tf.prompt_len - 1)  # KL on the prompt but its last position
     stop_nll = -math.log(hp.early_stop_prob)
 
     steps, min_prob = 0, 0.0
@@ -447,7 +602,8 @@ def _optimise(
         _replayed_prefix(arch, first_edited, input_ids, model, attention_mask) as orig,
         _trainable_deltas(arch, index_tensors, deltas, gate_mask),
     ):
-        orig_logp = F.log_softmax(orig[0, prompt_positions].float(), dim=-1)  # [P-1, vocab]
+        # [P-1, vocab]: KL on the prompt but its last position
+        orig_logp = F.log_softmax(orig[0, : tf.prompt_len - 1].float(), dim=-1)
         if negatives is not None:
             neg_orig = F.log_softmax(orig[1:][kl_mask].float(), dim=-1)  # [M, vocab]
         while True:
@@ -458,19 +614,9 @@ def _optimise(
             min_prob = float(target_logp.detach().min().exp())
             if progress is not None:
                 progress(steps, min_prob)
-            loss_edit = -target_logp.min()
-            if float(loss_edit.detach()) < stop_nll or steps >= hp.max_steps:
+            if float(-target_logp.detach().min()) < stop_nll or steps >= hp.max_steps:
                 break
-            new_logp = logp[prompt_positions]  # [P-1, vocab]
-            kl = (
-                (orig_logp.exp() * (orig_logp - new_logp)).sum(-1).mean()
-                if tf.prompt_len > 1
-                else logp.new_zeros(())
-            )
-            p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
-            penalty = -torch.log1p(-p_after.clamp(max=1 - 1e-6)).max()
-            norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
-            loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
+            loss = _fine_loss(logp, tf, orig_logp, deltas, hp, target_logp)
             if negatives is not None and len(neg_orig):
                 neg_new = all_logp[1:][kl_mask]  # [M, vocab]
                 neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum(-1).mean()
@@ -480,3 +626,328 @@ def _optimise(
             optimizer.step()
             steps += 1
     return deltas, steps, min_prob
+
+
+class _BatchDeltas:
+    """Forward hooks on W_out that add each batch row's own deltas: row r of the batch gets
+    ``q[r, :, idx_r] @ D_r`` (times its gate) at every layer its edit touches. Shorter
+    neuron lists are padded with zero rows, so one gather and one batched product serve all.
+    """
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        index: Sequence[dict[int, torch.Tensor]],
+        deltas: list[dict[int, torch.Tensor]],
+    ) -> None:
+        self.arch, self.index, self.deltas = arch, index, deltas  # per job
+        self.layers = sorted({layer for ix in index for layer in ix})
+        self.rows: list[int] = []
+        self.plan: dict[int, torch.Tensor] = {}  # layer -> neuron indices [B', width], 0-padded
+        self.gate: torch.Tensor | None = None  # [B', S, 1]
+        self.enabled = True
+
+    def select(self, rows: list[int], gate: torch.Tensor) -> None:
+        """The batch now holds these jobs' rows, in this order, open where ``gate`` [B', S, 1]."""
+        self.rows, self.gate, self.plan = rows, gate, {}
+        for layer in self.layers:
+            width = max(len(self.index[b].get(layer, ())) for b in rows)
+            if width == 0:
+                continue
+            idx = torch.zeros(len(rows), width, dtype=torch.long, device=gate.device)
+            for pos, b in enumerate(rows):
+                ix = self.index[b].get(layer)
+                if ix is not None:
+                    idx[pos, : len(ix)] = ix
+            self.plan[layer] = idx
+
+    def _stacked(self, layer: int, width: int) -> torch.Tensor:
+        """Every row's deltas at ``layer``, zero-padded to ``width``: [B', width, hidden]."""
+        parts = []
+        for b in self.rows:
+            d = self.deltas[b].get(layer)  # [k, hidden] or None
+            if d is None:
+                parts.append(torch.zeros(width, self.arch.hidden_size, device=self.gate.device))
+            else:
+                parts.append(F.pad(d, (0, 0, 0, width - d.shape[0])))
+        return torch.stack(parts)
+
+    def hook(self, layer: int):
+        def add(module, args, output):
+            idx = self.plan.get(layer)
+            if idx is None or not self.enabled:
+                return output
+            q = args[0]
+            q = q.reshape(len(self.rows), -1, q.shape[-1])  # [B', S, inter] (OPT flattens)
+            picked = q.gather(-1, idx[:, None, :].expand(-1, q.shape[1], -1))  # [B', S, width]
+            picked = picked * self.gate.to(q.dtype)
+            added = torch.bmm(picked, self._stacked(layer, idx.shape[1]).to(q.dtype))
+            return output + added.reshape(output.shape)  # [B', S, hidden]
+
+        return add
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        w_out = self.arch.w_out
+        handles = [w_out[layer].register_forward_hook(self.hook(layer)) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class _Admitted:
+    """What a job brings into the batch, computed on its sequence alone, unedited."""
+
+    start: int  # first position the deltas can reach (its gate's first open one, <= P-1)
+    gate: torch.Tensor  # float [S - start]: where the gate is open, from ``start``
+    orig_logp: torch.Tensor  # [P-1, vocab]: unedited log-probabilities on the prompt
+    blocks: list  # the outputs of the blocks below the lowest edited layer, from ``start``
+    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H, start, d]
+
+
+class _Prefix:
+    """The blocks below the lowest edited layer, replayed from a record while ``on``.
+
+    ``record(...)`` runs one sequence through the whole model for real and keeps what each
+    of those blocks output ([1, S, hidden]); ``assemble`` stacks the records of the rows in
+    the batch, right-padded, and while ``on`` each block returns its stack instead of
+    recomputing it (deltas only change what happens above)."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks, self.on = list(blocks), False
+        self.current: list = [None] * len(self.blocks)
+        self._last: list = [None] * len(self.blocks)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        def keep(i: int):
+            def hook(module, args, output) -> None:
+                if not self.on:
+                    self._last[i] = output
+
+            return hook
+
+        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        for i, block in enumerate(self.blocks):
+            block.forward = lambda *a, _i=i, _real=block.forward, **k: (
+                self.current[_i] if self.on else _real(*a, **k)
+            )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for block in self.blocks:
+                del block.forward
+
+    def record(self, model: nn.Module, input_ids: torch.Tensor):
+        """One real pass of ``input_ids`` [1, S]: its output (logits [1, S, vocab] and the
+        key/value cache) and each block's output."""
+        self.on = False
+        out = model(input_ids=input_ids, use_cache=True)
+        return out, list(self._last)
+
+    def assemble(self, records: Sequence[list], width: int) -> None:
+        """Replay these rows' records, right-padded to ``width``."""
+        for i in range(len(self.blocks)):
+            self.current[i] = _cat_padded([r[i] for r in records], width)
+
+
+def _sliced(output, start: int):
+    """A block's output from position ``start`` on: a tensor [1, S, hidden], or tuples led
+    by one."""
+    if isinstance(output, torch.Tensor):
+        return output[:, start:]
+    return type(output)(o[:, start:] if isinstance(o, torch.Tensor) else o for o in output)
+
+
+def _cat_padded(outputs: Sequence, width: int):
+    """Block outputs of single sequences ([1, S_b, hidden], or tuples led by one) padded on
+    the right to ``width`` positions and stacked: [B, width, hidden]."""
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.cat([F.pad(o, (0, 0, 0, width - o.shape[1])) for o in outputs])
+    return type(outputs[0])(
+        _cat_padded(parts, width) if isinstance(parts[0], torch.Tensor) else parts[0]
+        for parts in zip(*outputs, strict=True)
+    )
+
+
+def _cache_of(output):
+    """The key/value cache a forward pass returned (``cache``, formerly ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _first_open(gate: torch.Tensor, prompt_len: int) -> int:
+    """The first position where ``gate`` [S] is open, at most P-1 (the first one whose logits
+    the loss needs)."""
+    opened = torch.nonzero(gate > 0)
+    first = int(opened[0, 0]) if len(opened) else prompt_len - 1
+    return min(first, prompt_len - 1)
+
+
+def _optimise_batch(
+    model: nn.Module,
+    arch: ModelArch,
+    jobs: Sequence[EditJob],
+    batch_size: int,
+    progress: Callable[[int, float], None] | None,
+    done: Callable[[int, Optimised], None] | None = None,
+) -> list[Optimised]:
+    """FiNE's optimisation of several edits at once: up to ``batch_size`` share each forward
+    and backward pass, and a job that meets its stopping rule leaves the batch for the next.
+
+    Row b of the batch is one job's sequence; its deltas are added to its row only, its loss
+    depends on them only, and each job has its own Adam, so each job's gradients and updates
+    are those it would get alone, up to floating-point rounding (the padded, batched products
+    sum in another order). Each job's gate, unedited logits, the outputs of the blocks below
+    the lowest edited layer and the keys and values of the positions before its gate first
+    opens are computed once, on its sequence alone: the deltas cannot change them. A step
+    then runs only the positions from where the gate opens (for the default gated edit: the
+    answer's, a few of ~20), left-padded key/value caches and right-padded positions in one
+    batch. On a CPU a step costs about the same for one row as for several, which is where
+    the speed comes from (``benchmarks/results/edit_speed.md``). ``done(i, result)`` is called
+    as job i finishes.
+    """
+    from transformers import DynamicCache  # noqa: PLC0415 -- only the batched path needs it
+
+    hp = jobs[0].hp
+    device = jobs[0].tf.input_ids.device
+    # transformers 5.x renamed past_key_values to cache
+    parameters = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+    stop_nll = -math.log(hp.early_stop_prob)
+    lengths = [job.tf.input_ids.shape[1] for job in jobs]
+    deltas: list[dict[int, torch.Tensor]] = [{} for _ in jobs]
+    optimizers: list[torch.optim.Optimizer | None] = [None] * len(jobs)
+    kept: dict[int, _Admitted] = {}
+    steps, seconds = [0] * len(jobs), [0.0] * len(jobs)
+    results: list[Optimised | None] = [None] * len(jobs)
+    bank = _BatchDeltas(arch, [job.index_tensors for job in jobs], deltas)
+    prefix = _Prefix(arch.decoder_layers[: min(min(j.index_tensors, default=0) for j in jobs)])
+
+    def admit(b: int) -> None:
+        started, job = time.perf_counter(), jobs[b]
+        bank.enabled, prefix.on = False, False  # the job's own sequence, unedited and in full
+        with torch.no_grad():
+            gate = (
+                job.gate(job.tf.input_ids, None)[0].float()  # [S]
+                if job.gate is not None
+                else torch.ones(lengths[b], device=device)
+            )
+            out, blocks = prefix.record(model, job.tf.input_ids)
+        start = _first_open(gate, job.tf.prompt_len)
+        kept[b] = _Admitted(
+            start,
+            gate[start:],
+            F.log_softmax(out.logits[0, : job.tf.prompt_len - 1].float(), dim=-1),
+            [_sliced(o, start) for o in blocks],
+            [(k[:, :, :start], v[:, :, :start]) for k, v, *_ in _cache_of(out)],
+        )
+        deltas[b].update(
+            {
+                layer: torch.zeros(len(ix), arch.hidden_size, device=device, requires_grad=True)
+                for layer, ix in job.index_tensors.items()
+            }  # [k_l, hidden] each, fp32 whatever the model dtype
+        )
+        optimizers[b] = torch.optim.Adam(deltas[b].values(), lr=hp.lr)
+        seconds[b] += time.perf_counter() - started
+
+    def assemble(rows: list[int]) -> dict:
+        """The model's inputs for these rows: cached positions left-padded to the longest
+        cache, the rest right-padded to the longest rest."""
+        past = max(kept[b].start for b in rows)
+        width = max(lengths[b] - kept[b].start for b in rows)
+        ids, mask, positions, gate = [], [], [], []
+        for b in rows:
+            start, rest = kept[b].start, lengths[b] - kept[b].start
+            ids.append(F.pad(jobs[b].tf.input_ids[0, start:], (0, width - rest)))
+            ones = torch.ones(start + rest, dtype=torch.long, device=device)
+            mask.append(F.pad(ones, (past - start, width - rest)))
+            positions.append(torch.arange(start, start + width, device=device))
+            gate.append(F.pad(kept[b].gate, (0, width - rest)))
+        bank.select(rows, torch.stack(gate)[..., None])  # [B', S', 1]
+        prefix.assemble([kept[b].blocks for b in rows], width)
+        cache = (
+            [
+                tuple(
+                    torch.cat(
+                        [
+                            F.pad(kept[b].cache[layer][i], (0, 0, past - kept[b].start, 0))
+                            for b in rows
+                        ]
+                    )
+                    for i in (0, 1)
+                )  # [B', H, past, d]: left-padded
+                for layer in range(len(kept[rows[0]].cache))
+            ]
+            if past
+            else None
+        )
+        return {
+            "input_ids": torch.stack(ids),  # [B', S']
+            "attention_mask": torch.stack(mask),  # [B', past + S']
+            "position_ids": torch.stack(positions),  # [B', S']
+            "cache": cache,
+        }
+
+    queue, active, inputs, step = list(range(len(jobs))), [], None, 0
+    with prefix.installed(), bank.hooks():
+        while queue or active:
+            while queue and len(active) < batch_size:
+                active.append(queue.pop(0))
+                admit(active[-1])
+                inputs = None
+            started = time.perf_counter()
+            if inputs is None:
+                inputs = assemble(active)
+            cache = inputs["cache"]
+            bank.enabled, prefix.on = True, True
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"],
+                **{cache_kwarg: DynamicCache(cache, config=model.config) if cache else None},
+                use_cache=cache is not None,
+            )
+            # one row per job: unbind, as indexing row by row would back-propagate a full-size
+            # zero gradient per row
+            per_row = F.log_softmax(out.logits.float(), dim=-1).unbind(0)  # B' x [S', vocab]
+            losses, going, probs, finished = [], [], [], []
+            for logp, b in zip(per_row, active, strict=True):
+                tf, start = jobs[b].tf, kept[b].start
+                logp = logp[: lengths[b] - start]  # [S_b - start, vocab]
+                target_logp = logp[tf.answer_positions.to(device) - start, tf.answer_ids]  # [T]
+                min_prob = float(target_logp.detach().min().exp())
+                probs.append(min_prob)
+                if float(-target_logp.detach().min()) < stop_nll or steps[b] >= hp.max_steps:
+                    finished.append((b, min_prob))
+                    continue
+                going.append(b)
+                losses.append(
+                    _fine_loss(logp, tf, kept[b].orig_logp, deltas[b], hp, target_logp, start)
+                )
+            if progress is not None:
+                progress(step, min(probs))
+            if losses:
+                for b in going:
+                    optimizers[b].zero_grad()
+                torch.stack(losses).sum().backward()
+                for b in going:
+                    optimizers[b].step()
+                    steps[b] += 1
+            step += 1
+            share = (time.perf_counter() - started) / len(active)
+            for b in active:
+                seconds[b] += share
+            for b, min_prob in finished:
+                results[b] = Optimised(deltas[b], steps[b], min_prob, seconds[b])
+                del kept[b]
+                if done is not None:
+                    done(b, results[b])
+            if going != active:
+                active, inputs = going, None
+    return results  # type: ignore[return-value]

@@ -10,7 +10,7 @@ Model with Knowledge Neuronal Ensemble").
    the ``k`` strongest neurons (``selection="topk"``), or every neuron at least ``threshold``
    times as strong as the strongest one, at most ``max_neurons`` (``selection="threshold"``).
 3. Update: learn a delta row per ensemble neuron with FiNE's objective and optimiser
-   (``fine.run_edit``); only the ensemble's rows receive gradients, all layers at once.
+   (``fine.prepare_edit``); only the ensemble's rows receive gradients, all layers at once.
 
 Choices the paper's abstract leaves open, measured on SmolLM2-135M (8 single-token and 6
 multi-token counterfactual targets, FiNE's optimiser and defaults otherwise):
@@ -42,7 +42,15 @@ from torch import nn
 
 from .arch import ModelArch, device_of, resolve
 from .errors import InvalidHparamsError
-from .fine import FineHparams, NeuronScore, _candidate_layers, _frozen, run_edit
+from .fine import (
+    EditJob,
+    FineHparams,
+    NeuronScore,
+    _candidate_layers,
+    _frozen,
+    prepare_edit,
+    run_job,
+)
 from .patch import Patch
 from .request import EditRequest
 from .tokens import TeacherForced, teacher_forced
@@ -163,5 +171,12 @@ def edit_kne(
     progress: Callable[[int, float], None] | None = None,
 ) -> Patch:
     """Edit one fact with KNE and return it as a Patch; ``model`` is left bitwise unchanged."""
+    return run_job(model, prepare_kne(model, tokenizer, request, hparams), progress)
+
+
+def prepare_kne(
+    model: nn.Module, tokenizer, request: EditRequest | dict, hparams: KneHparams | None = None
+) -> EditJob:
+    """KNE's neuron ensemble for ``request``: the job ``run_job`` / ``run_jobs`` optimise."""
     hp = hparams or KneHparams()
-    return run_edit(model, tokenizer, request, hp, progress, method="kne", locator=_locator)
+    return prepare_edit(model, tokenizer, request, hp, method="kne", locator=_locator)

@@ -66,7 +66,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -75,13 +77,15 @@ from torch import nn
 from .arch import ModelArch, device_of, resolve
 from .errors import InvalidHparamsError
 from .fine import (
+    EditJob,
     FineHparams,
     Negatives,
     NeuronScore,
     _activations,
     _candidate_layers,
     _scores,
-    run_edit,
+    prepare_edit,
+    run_job,
     select_top,
 )
 from .gates import GateBank
@@ -284,15 +288,38 @@ def _residual(
     return _residuals(model, input_ids, (layer,), attention_mask)[layer]
 
 
+# generic_centres' results while shared_centres() is active: (model, tokenizer, layers) -> ...
+_SHARED_CENTRES: ContextVar[dict | None] = ContextVar("shared_centres", default=None)
+
+
+@contextmanager
+def shared_centres() -> Iterator[None]:
+    """Within this block ``generic_centres`` runs once per model, tokenizer and layers, and
+    later calls get the same tensors: for preparing many edits of an unchanging model (the
+    result is the same as recomputing it each time, without the forward passes)."""
+    token = _SHARED_CENTRES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_CENTRES.reset(token)
+
+
 def generic_centres(model: nn.Module, tokenizer, layers) -> dict[int, torch.Tensor]:
     """Mean residual at each of ``layers`` over generic text, position 0 (an attention sink)
     dropped: {layer: [hidden]}. One forward pass per text serves every layer."""
+    shared = _SHARED_CENTRES.get()
+    key = (id(model), id(tokenizer), tuple(sorted(set(layers))))
+    if shared is not None and key in shared:
+        return dict(shared[key])
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for text in GENERIC_TEXT:
         ids = torch.tensor([tokenizer(text).input_ids], device=device_of(model))
         for layer, h in _residuals(model, ids, layers).items():
             rows[layer].append(h[0, 1:])  # [S - 1, hidden]
-    return {layer: torch.cat(r).mean(0) for layer, r in rows.items()}
+    centres = {layer: torch.cat(r).mean(0) for layer, r in rows.items()}
+    if shared is not None:
+        shared[key] = dict(centres)
+    return centres
 
 
 def generic_centre(model: nn.Module, tokenizer, layer: int) -> torch.Tensor:
@@ -522,6 +549,17 @@ def edit_local(
     progress: Callable[[int, float], None] | None = None,
 ) -> Patch:
     """Edit one fact with the locality-aware method; ``model`` is left bitwise unchanged."""
+    return run_job(model, prepare_local(model, tokenizer, request, hparams), progress)
+
+
+def prepare_local(
+    model: nn.Module,
+    tokenizer,
+    request: EditRequest | dict,
+    hparams: LocalHparams | None = None,
+) -> EditJob:
+    """The gates and located neurons of a locality-aware edit: the job ``run_job`` /
+    ``run_jobs`` optimise."""
     hp = hparams or LocalHparams()
     request = EditRequest.coerce(request)
     arch: ModelArch = resolve(model)
@@ -544,12 +582,11 @@ def edit_local(
             f"gate must read a higher layer; got gate_layer={gate_layer}"
         )
     gates = make_gates(model, tokenizer, request, hp) if hp.gate else ()
-    return run_edit(
+    return prepare_edit(
         model,
         tokenizer,
         request,
         hp,
-        progress,
         method="local",
         layers=layers,
         gate=_gate_fn(model, gates) if gates else None,

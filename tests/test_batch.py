@@ -77,13 +77,13 @@ def test_rerun_resumes_and_skips_finished_requests(model, tmp_path, monkeypatch)
     mtimes = {p: p.stat().st_mtime_ns for p in first}
     first[1].unlink()  # as if interrupted before request 1 was saved
     calls = []
-    real_edit = batch.edit
+    real_edit_each = batch.edit_each
 
-    def counting_edit(*args, **kwargs):
-        calls.append(args[2])
-        return real_edit(*args, **kwargs)
+    def counting_edit_each(*args, **kwargs):
+        calls.extend(args[2])
+        return real_edit_each(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "edit", counting_edit)
+    monkeypatch.setattr(batch, "edit_each", counting_edit_each)
     result = run_batch(
         model, tok, REQUESTS, tmp_path, method="fine", hparams=HPARAMS, progress=False
     )
@@ -139,6 +139,27 @@ def test_an_edit_that_misses_its_target_is_saved_but_not_counted(model, tmp_path
     )
     assert again.items[0].resumed and again.items[0].status == "unsuccessful"
     assert json.loads((tmp_path / batch.FAILURES_FILE).read_text()) == failure
+
+
+def test_batched_editing_reports_each_request_like_single_editing(model, tmp_path):
+    requests = [REQUESTS[0], BAD, REQUESTS[1], REQUESTS[2]]
+    kwargs = {"method": "local", "hparams": {**HPARAMS, "gate_key": "subject", "gate_layer": 0}}
+    tok = TinyTokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = run_batch(model, tok, requests, tmp_path / "a", progress=False, **kwargs)
+        together = run_batch(
+            model, tok, requests, tmp_path / "b", progress=False, batch_size=2, **kwargs
+        )
+    assert [i.status for i in together.items] == [i.status for i in alone.items]
+    assert together.items[1].status == "error" and "does not occur" in together.items[1].message
+    for a, b in zip(alone.paths(True), together.paths(True), strict=True):
+        pa, pb = Patch.load(a), Patch.load(b)
+        assert pb.requests == pa.requests and pb.metrics["steps"] == pa.metrics["steps"]
+        for layer, ld in pa.layers.items():
+            torch.testing.assert_close(pb.layers[layer].deltas, ld.deltas, atol=1e-5, rtol=1e-3)
+    with pytest.raises(BatchError, match="batch_size"):
+        run_batch(model, tok, requests, tmp_path / "c", progress=False, batch_size=0, **kwargs)
 
 
 def test_read_requests_plain_jsonl_and_knowedit(tmp_path):

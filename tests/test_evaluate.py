@@ -13,6 +13,7 @@ from conftest import CharTokenizer, build_tiny
 
 import neuronpatch.cli
 from neuronpatch.datasets import EditRecord, load_records
+from neuronpatch.editor import Outcome
 from neuronpatch.errors import InvalidRequestError
 from neuronpatch.evaluate import (
     EvaluationError,
@@ -81,17 +82,18 @@ def tiny():
 
 @pytest.fixture
 def count_edits(monkeypatch):
-    """Count the harness's calls to edit(); optionally interrupt the n-th one."""
+    """Count the requests the harness edits; optionally interrupt before the n-th one."""
     calls = {"n": 0, "interrupt_at": None}
-    real = evaluate_module.edit
+    real = evaluate_module.edit_each
 
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["interrupt_at"]:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def counting(model, tokenizer, requests, *args, **kwargs):
+        for _ in requests:
+            calls["n"] += 1
+            if calls["n"] == calls["interrupt_at"]:
+                raise KeyboardInterrupt
+        return real(model, tokenizer, requests, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "edit", counting)
+    monkeypatch.setattr(evaluate_module, "edit_each", counting)
     return calls
 
 
@@ -301,14 +303,16 @@ def test_resume_refuses_another_run(tiny, records, tmp_path):
 
 def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatch):
     model, tok = tiny
-    real = evaluate_module.edit
+    real = evaluate_module.edit_each
 
-    def picky(model, tokenizer, request, *args, **kwargs):
+    def picky(model, tokenizer, requests, *args, **kwargs):
+        (request,) = requests
         if request.subject == "Danube":
-            raise InvalidRequestError("target_new 'Baltic Sea' tokenises to nothing")
-        return real(model, tokenizer, request, *args, **kwargs)
+            error = InvalidRequestError("target_new 'Baltic Sea' tokenises to nothing")
+            return [Outcome(error=error)]
+        return real(model, tokenizer, requests, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "edit", picky)
+    monkeypatch.setattr(evaluate_module, "edit_each", picky)
     summary = evaluate(
         model,
         tok,
@@ -325,6 +329,23 @@ def test_failed_edit_is_recorded_and_skipped(tiny, records, tmp_path, monkeypatc
     }
     assert "locality.Forgetfulness" not in summary["metrics"]  # only record 1 had it
     assert "(1 failed)" in (tmp_path / "summary.md").read_text()
+
+
+def test_batched_edits_score_like_single_ones(tiny, records, tmp_path):
+    model, tok = tiny
+    kwargs = dict(method="fine", hparams=FAST, progress=False, fluency=False)
+    alone = evaluate(model, tok, records, out_dir=tmp_path / "a", **kwargs)
+    together = evaluate(model, tok, records, out_dir=tmp_path / "b", edit_batch_size=2, **kwargs)
+    assert together["n"] == alone["n"] == len(records)
+    for key, metric in alone["metrics"].items():
+        assert together["metrics"][key]["post"]["mean"] == pytest.approx(metric["post"]["mean"])
+    a, b = _lines(tmp_path / "a" / "records.jsonl"), _lines(tmp_path / "b" / "records.jsonl")
+    assert [r["record_id"] for r in b] == [r["record_id"] for r in a]
+    assert [r["steps"] for r in b] == [r["steps"] for r in a]
+    assert [r["neurons"] for r in b] == [r["neurons"] for r in a]
+    assert {r["edit_batch_size"] for r in b} == {2}
+    with pytest.raises(EvaluationError, match="edit_batch_size"):
+        evaluate(model, tok, records, edit_batch_size=0, **kwargs)
 
 
 def test_repeated_record_ids_are_refused(tiny, records):

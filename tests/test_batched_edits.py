@@ -1,0 +1,118 @@
+"""Several edits optimised in one batch: each equals its edit alone up to rounding."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import MODEL_TYPES, build_tiny
+from test_fine import TinyTokenizer
+from test_fine_real import FACTS, greedy
+
+import neuronpatch
+from neuronpatch.arch import resolve
+from neuronpatch.errors import InvalidHparamsError
+
+# prompts of different lengths, so rows are padded; one-, two- and three-token targets
+REQUESTS = [
+    {"prompt": "alpha beta gamma", "subject": "beta", "target_new": "delta epsilon"},
+    {"prompt": "one two three four five", "subject": "three", "target_new": "six"},
+    {"prompt": "red green", "subject": "red", "target_new": "blue sky ocean"},
+]
+HPARAMS = {
+    "fine": {"max_steps": 6, "lr": 0.05, "frozen_layers": 1},
+    # a subject gate at layer 0 (the tiny models have 3 layers): rows open from the subject
+    # on, so the batch caches the positions before it
+    "local": {
+        "max_steps": 6,
+        "lr": 0.05,
+        "frozen_layers": 1,
+        "gate_layer": 0,
+        "gate_key": "subject",
+    },
+}
+
+
+def _edit(model, requests, method, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random models may not reach p > 0.9 in 6 steps
+        return neuronpatch.edit(
+            model, TinyTokenizer(), requests, method=method, **HPARAMS[method], **kwargs
+        )
+
+
+def _assert_close(batched, alone, atol):
+    assert sorted(batched.layers) == sorted(alone.layers)
+    assert batched.metrics["steps"] == alone.metrics["steps"]
+    assert batched.metrics["target_prob"] == pytest.approx(alone.metrics["target_prob"], abs=1e-4)
+    assert len(batched.gates) == len(alone.gates)
+    for g, h in zip(batched.gates, alone.gates, strict=True):  # made before optimising: equal
+        assert torch.equal(g.key, h.key) and torch.equal(g.centre, h.centre)
+        assert (g.layer, g.threshold, g.kind, g.span) == (h.layer, h.threshold, h.kind, h.span)
+    for layer, ld in alone.layers.items():
+        assert torch.equal(batched.layers[layer].neuron_indices, ld.neuron_indices)
+        torch.testing.assert_close(batched.layers[layer].deltas, ld.deltas, atol=atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", sorted(HPARAMS))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_batched_edits_equal_single_edits_up_to_rounding(model_type, method):
+    model = build_tiny(model_type)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = [_edit(model, r, method) for r in REQUESTS]
+    # two rows at a time: the third edit takes the first free row
+    batched = _edit(model, REQUESTS, method, batch_size=2)
+    assert [p.requests for p in batched] == [p.requests for p in alone]
+    for b, a in zip(batched, alone, strict=True):
+        _assert_close(b, a, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert neuronpatch.applied_patches(model) == []
+    # the replayed blocks are themselves again
+    assert not any("forward" in vars(block) for block in resolve(model).decoder_layers)
+
+
+def test_batched_edits_of_a_bf16_model_are_close_to_single_ones():
+    model = build_tiny("llama", dtype=torch.bfloat16)
+    alone = [_edit(model, r, "local") for r in REQUESTS]
+    batched = _edit(model, REQUESTS, "local", batch_size=3)
+    for b, a in zip(batched, alone, strict=True):
+        assert b.metrics["steps"] == a.metrics["steps"]
+        for layer, ld in a.layers.items():
+            assert b.layers[layer].deltas.dtype == torch.float32
+            torch.testing.assert_close(b.layers[layer].deltas, ld.deltas, atol=2e-2, rtol=0.1)
+
+
+def test_batch_size_one_gives_exactly_the_single_edits(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    model = build_tiny("llama")
+    for method in HPARAMS:
+        listed = _edit(model, REQUESTS, method)
+        alone = [_edit(model, r, method) for r in REQUESTS]
+        assert [p.to_bytes() for p in listed] == [p.to_bytes() for p in alone]
+
+
+def test_progress_reports_every_batched_step():
+    model = build_tiny("llama")
+    seen = []
+    patches = _edit(model, REQUESTS, "local", batch_size=3, progress=lambda s, p: seen.append(s))
+    # one call per forward pass, the last one after the longest edit's last update
+    assert seen == list(range(max(p.metrics["steps"] for p in patches) + 1))
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "2"])
+def test_bad_batch_size_is_refused(size):
+    with pytest.raises(InvalidHparamsError, match="batch_size"):
+        _edit(build_tiny("llama"), REQUESTS, "local", batch_size=size)
+
+
+@pytest.mark.slow
+def test_batched_default_edits_land_on_the_real_model_like_single_ones(smollm2):
+    model, tok = smollm2
+    alone = neuronpatch.edit(model, tok, FACTS)
+    batched = neuronpatch.edit(model, tok, FACTS, batch_size=3)
+    for fact, b, a in zip(FACTS, batched, alone, strict=True):
+        _assert_close(b, a, atol=5e-3)
+        assert b.metrics["success"], b.metrics
+        with neuronpatch.applied(model, b):
+            assert greedy(model, tok, fact["prompt"]).strip().startswith(fact["target_new"])
