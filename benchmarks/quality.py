@@ -141,13 +141,17 @@ def run(
     fluency: bool,
     device: str | None = None,
     jobs: int = 1,
+    edit_batch_size: int = 1,
 ) -> None:
     """Run each row's ``neuronpatch eval``; ``jobs`` > 1 runs that many at once (one GPU, say),
     each logging to ``work/<row>.log``."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     STORE.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    commands = {_slug(*row): _command(*row, data_dir, n, work, fluency, device) for row in rows}
+    commands = {
+        _slug(*row): _command(*row, data_dir, n, work, fluency, device, edit_batch_size)
+        for row in rows
+    }
     if jobs <= 1:
         for slug, cmd in commands.items():
             subprocess.run(cmd, check=True, env=env)
@@ -186,6 +190,7 @@ def _command(
     work: Path,
     fluency: bool,
     device: str | None,
+    edit_batch_size: int = 1,
 ) -> list[str]:
     out = work / _slug(model, dataset, variant)
     cmd = [
@@ -204,6 +209,7 @@ def _command(
     ]
     cmd += [] if fluency else ["--no-fluency"]
     cmd += ["--device", device] if device else []
+    cmd += ["--edit-batch-size", str(edit_batch_size)] if edit_batch_size > 1 else []
     method, overrides = VARIANTS[variant]
     cmd += ["--method", method]
     for key, value in overrides.items():
@@ -301,6 +307,9 @@ def main() -> None:
     parser.add_argument("--collate-only", action="store_true")
     parser.add_argument("--device", help="passed to eval: cpu (default), cuda, ...")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once (e.g. on a GPU)")
+    parser.add_argument(
+        "--edit-batch-size", type=int, default=1, help="passed to eval: edits optimised together"
+    )
     args = parser.parse_args()
     rows = [
         (m, d, v)
@@ -310,7 +319,16 @@ def main() -> None:
         if (not args.only or args.only in f"{m} {d} {v}") and (not args.rows or v in args.rows)
     ]
     if not args.collate_only:
-        run(rows, args.data_dir, args.n, args.work, not args.no_fluency, args.device, args.jobs)
+        run(
+            rows,
+            args.data_dir,
+            args.n,
+            args.work,
+            not args.no_fluency,
+            args.device,
+            args.jobs,
+            args.edit_batch_size,
+        )
     collate()
 
 
