@@ -116,3 +116,21 @@ def test_batched_default_edits_land_on_the_real_model_like_single_ones(smollm2):
         assert b.metrics["success"], b.metrics
         with neuronpatch.applied(model, b):
             assert greedy(model, tok, fact["prompt"]).strip().startswith(fact["target_new"])
+
+
+@pytest.mark.slow
+def test_batched_edits_on_gemma3_match_single_ones(gemma3):
+    # gemma3's sliding-window layers get their own cache layers in the batched replay
+    model, tok = gemma3
+    facts = [
+        {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
+         "target_new": "Rome"},
+        {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+         "target_new": "English"},
+        {"prompt": "Toyota was founded in the country of", "subject": "Toyota",
+         "target_new": "Italy"},
+    ]  # fmt: skip
+    alone = neuronpatch.edit(model, tok, facts)
+    batched = neuronpatch.edit(model, tok, facts, batch_size=2)
+    for b, a in zip(batched, alone, strict=True):
+        _assert_close(b, a, atol=1e-3)
