@@ -268,19 +268,22 @@ def run_batch(
     with bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            outcomes = edit_each(
-                model, tokenizer, [r for _, r in part], method, hp, batch_size=batch_size
-            )
-            for (item, _), outcome in zip(part, outcomes, strict=True):
-                _record(item, outcome)
+
+            def each(position: int, outcome: Outcome, part=part) -> None:
+                item = part[position][0]
+                _record(item, outcome)  # on disk as soon as it is done
                 if item.status != "ok":
                     _write_failures(out, items)
                     if progress:
                         tqdm.write(f"request {item.index} {item.status}: {item.message}")
-            bar.update(len(part))
-            failed = sum(1 for i in items if i.status in ("error", "unsuccessful"))
-            if failed:
-                bar.set_postfix_str(f"failed {failed}")
+                bar.update(1)
+                failed = sum(1 for i in items if i.status in ("error", "unsuccessful"))
+                if failed:
+                    bar.set_postfix_str(f"failed {failed}")
+
+            edit_each(
+                model, tokenizer, [r for _, r in part], method, hp, batch_size=batch_size, each=each
+            )
     return BatchResult(items, out)
 
 

@@ -16,6 +16,7 @@ from .fine import (
     EditJob,
     FineHparams,
     NeuronScore,
+    Optimised,
     finish_edit,
     optimise_jobs,
     prepare_fine,
@@ -123,10 +124,13 @@ def edit_each(
     hparams: Any,
     *,
     batch_size: int = 1,
+    each: Callable[[int, Outcome], None] | None = None,
 ) -> list[Outcome]:
     """``edit`` for tools that edit many requests (``batch``, ``eval``): a request whose
     preparation fails gets its error and the others go on, and each keeps its own warnings.
-    ``hparams`` is the method's dataclass (``make_hparams``)."""
+    ``hparams`` is the method's dataclass (``make_hparams``). ``each(i, outcome)`` is called
+    as soon as request i's outcome is known (e.g. to save its patch); it must not run the
+    model, which may be in the middle of a batch."""
     prepare = METHODS[method][1]
     outcomes = [Outcome() for _ in requests]
     jobs: dict[int, EditJob] = {}
@@ -141,15 +145,22 @@ def edit_each(
                     outcomes[i].error = exc
             outcomes[i].warnings += [str(w.message) for w in caught]
             outcomes[i].seconds = time.perf_counter() - started
+            if i not in jobs and each is not None:
+                each(i, outcomes[i])
     order = list(jobs)
-    optimised = optimise_jobs(model, [jobs[i] for i in order], batch_size=batch_size)
-    for i, done in zip(order, optimised, strict=True):
+
+    def finished(position: int, done: Optimised) -> None:
+        i = order[position]
         started = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             outcomes[i].patch = finish_edit(model, jobs[i], done)
         outcomes[i].warnings += [str(w.message) for w in caught]
         outcomes[i].seconds += done.seconds + time.perf_counter() - started
+        if each is not None:
+            each(i, outcomes[i])
+
+    optimise_jobs(model, [jobs[i] for i in order], batch_size=batch_size, done=finished)
     return outcomes
 
 

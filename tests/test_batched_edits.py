@@ -12,7 +12,9 @@ from test_fine_real import FACTS, greedy
 
 import neuronpatch
 from neuronpatch.arch import resolve
+from neuronpatch.editor import edit_each, make_hparams
 from neuronpatch.errors import InvalidHparamsError
+from neuronpatch.request import EditRequest
 
 # prompts of different lengths, so rows are padded; one-, two- and three-token targets
 REQUESTS = [
@@ -134,3 +136,22 @@ def test_batched_edits_on_gemma3_match_single_ones(gemma3):
     batched = neuronpatch.edit(model, tok, facts, batch_size=2)
     for b, a in zip(batched, alone, strict=True):
         _assert_close(b, a, atol=1e-3)
+
+
+def test_edit_each_reports_every_request_once_as_soon_as_it_is_known():
+    model = build_tiny("llama")
+    bad = {**REQUESTS[0], "subject": "zeta"}  # not in its prompt: refused while preparing
+    requests = [EditRequest.coerce(REQUESTS[0]), bad, *map(EditRequest.coerce, REQUESTS[1:])]
+    seen = []
+    hp = make_hparams("local", **HPARAMS["local"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = edit_each(
+            model, TinyTokenizer(), requests, "local", hp, batch_size=2,
+            each=lambda i, outcome: seen.append((i, outcome)),
+        )  # fmt: skip
+    assert seen[0][0] == 1 and "does not occur" in str(seen[0][1].error)  # before any optimising
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert all(outcome is outcomes[i] for i, outcome in seen)
+    assert [o.patch is None for o in outcomes] == [False, True, False, False]
+    assert all(o.seconds > 0 for o in outcomes if o.patch is not None)
