@@ -714,10 +714,12 @@ class _Prefix:
     ``record(...)`` runs one sequence through the whole model for real and keeps what each
     of those blocks output ([1, S, hidden]); ``assemble`` stacks the records of the rows in
     the batch, right-padded, and while ``on`` each block returns its stack instead of
-    recomputing it (deltas only change what happens above)."""
+    recomputing it (deltas only change what happens above). Blocks that return more than
+    their hidden states (tuples, in some models and transformers versions) are not replayed:
+    they run for real every step."""
 
     def __init__(self, blocks: Sequence[nn.Module]) -> None:
-        self.blocks, self.on = list(blocks), False
+        self.blocks, self.on, self.replays = list(blocks), False, True
         self.current: list = [None] * len(self.blocks)
         self._last: list = [None] * len(self.blocks)
 
@@ -733,7 +735,7 @@ class _Prefix:
         handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
         for i, block in enumerate(self.blocks):
             block.forward = lambda *a, _i=i, _real=block.forward, **k: (
-                self.current[_i] if self.on else _real(*a, **k)
+                self.current[_i] if self.on and self.replays else _real(*a, **k)
             )
         try:
             yield
@@ -748,31 +750,19 @@ class _Prefix:
         key/value cache) and each block's output."""
         self.on = False
         out = model(input_ids=input_ids, use_cache=True)
-        return out, list(self._last)
+        blocks = list(self._last)
+        if not all(isinstance(b, torch.Tensor) for b in blocks):
+            self.replays, blocks = False, []
+        return out, blocks
 
     def assemble(self, records: Sequence[list], width: int) -> None:
-        """Replay these rows' records, right-padded to ``width``."""
-        for i in range(len(self.blocks)):
-            self.current[i] = _cat_padded([r[i] for r in records], width)
-
-
-def _sliced(output, start: int):
-    """A block's output from position ``start`` on: a tensor [1, S, hidden], or tuples led
-    by one."""
-    if isinstance(output, torch.Tensor):
-        return output[:, start:]
-    return type(output)(o[:, start:] if isinstance(o, torch.Tensor) else o for o in output)
-
-
-def _cat_padded(outputs: Sequence, width: int):
-    """Block outputs of single sequences ([1, S_b, hidden], or tuples led by one) padded on
-    the right to ``width`` positions and stacked: [B, width, hidden]."""
-    if isinstance(outputs[0], torch.Tensor):
-        return torch.cat([F.pad(o, (0, 0, 0, width - o.shape[1])) for o in outputs])
-    return type(outputs[0])(
-        _cat_padded(parts, width) if isinstance(parts[0], torch.Tensor) else parts[0]
-        for parts in zip(*outputs, strict=True)
-    )
+        """Replay these rows' records (each [1, S_b, hidden] per block), right-padded to
+        ``width`` and stacked: [B', width, hidden] per block."""
+        if self.replays:
+            for i in range(len(self.blocks)):
+                self.current[i] = torch.cat(
+                    [F.pad(r[i], (0, 0, 0, width - r[i].shape[1])) for r in records]
+                )
 
 
 def _cache_of(output):
@@ -844,7 +834,7 @@ def _optimise_batch(
             start,
             gate[start:],
             F.log_softmax(out.logits[0, : job.tf.prompt_len - 1].float(), dim=-1),
-            [_sliced(o, start) for o in blocks],
+            [o[:, start:] for o in blocks],
             [(k[:, :, :start], v[:, :, :start]) for k, v, *_ in _cache_of(out)],
         )
         deltas[b].update(

@@ -155,3 +155,38 @@ def test_edit_each_reports_every_request_once_as_soon_as_it_is_known():
     assert all(outcome is outcomes[i] for i, outcome in seen)
     assert [o.patch is None for o in outcomes] == [False, True, False, False]
     assert all(o.seconds > 0 for o in outcomes if o.patch is not None)
+
+
+def test_blocks_returning_tuples_run_for_real_instead_of_being_replayed():
+    # GPT-J's blocks return (hidden, ...) tuples under some transformers versions (5.17)
+    from types import SimpleNamespace
+
+    from neuronpatch.fine import _Prefix
+
+    calls = []
+
+    class Block(torch.nn.Module):
+        def forward(self, h):
+            calls.append(h.shape)
+            return (h + 1, None)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.block(input_ids.float()[..., None])[0]
+            return SimpleNamespace(logits=h)
+
+    model = Model()
+    prefix = _Prefix([model.block])
+    with prefix.installed():
+        out, blocks = prefix.record(model, torch.ones(1, 3, dtype=torch.long))
+        assert (prefix.replays, blocks) == (False, [])
+        prefix.assemble([blocks], 3)
+        prefix.on = True
+        again = model(torch.ones(2, 3, dtype=torch.long)).logits  # computed, not replayed
+    assert again.shape == (2, 3, 1) and torch.equal(again, torch.full((2, 3, 1), 2.0))
+    assert len(calls) == 2
+    assert "forward" not in vars(model.block)
