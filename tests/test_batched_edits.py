@@ -190,3 +190,13 @@ def test_blocks_returning_tuples_run_for_real_instead_of_being_replayed():
     assert again.shape == (2, 3, 1) and torch.equal(again, torch.full((2, 3, 1), 2.0))
     assert len(calls) == 2
     assert "forward" not in vars(model.block)
+
+
+def test_edits_with_negatives_are_optimised_alone_even_in_a_batch(monkeypatch):
+    # their own batch already holds the negative prompts: they run the single-edit path
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    model = build_tiny("llama")
+    negatives = {"negatives_weight": 1.0, "negative_templates": ("{subject} is",)}
+    alone = [_edit(model, r, "local", **negatives) for r in REQUESTS]
+    batched = _edit(model, REQUESTS, "local", batch_size=3, **negatives)
+    assert [p.to_bytes() for p in batched] == [p.to_bytes() for p in alone]
