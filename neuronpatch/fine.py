@@ -771,6 +771,18 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _left_padded(caches: Sequence[list], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the rows' cached keys and values ([1, H, start_b, d] each) padded on the left
+    to ``past`` positions and stacked: [B', H, past, d]."""
+    return [
+        tuple(  # type: ignore[misc]
+            torch.cat([F.pad(c[layer][i], (0, 0, past - c[layer][i].shape[2], 0)) for c in caches])
+            for i in (0, 1)
+        )
+        for layer in range(len(caches[0]))
+    ]
+
+
 def _first_open(gate: torch.Tensor, prompt_len: int) -> int:
     """The first position where ``gate`` [S] is open, at most P-1 (the first one whose logits
     the loss needs)."""
@@ -861,22 +873,7 @@ def _optimise_batch(
             gate.append(F.pad(kept[b].gate, (0, width - rest)))
         bank.select(rows, torch.stack(gate)[..., None])  # [B', S', 1]
         prefix.assemble([kept[b].blocks for b in rows], width)
-        cache = (
-            [
-                tuple(
-                    torch.cat(
-                        [
-                            F.pad(kept[b].cache[layer][i], (0, 0, past - kept[b].start, 0))
-                            for b in rows
-                        ]
-                    )
-                    for i in (0, 1)
-                )  # [B', H, past, d]: left-padded
-                for layer in range(len(kept[rows[0]].cache))
-            ]
-            if past
-            else None
-        )
+        cache = _left_padded([kept[b].cache for b in rows], past) if past else None
         return {
             "input_ids": torch.stack(ids),  # [B', S']
             "attention_mask": torch.stack(mask),  # [B', past + S']
