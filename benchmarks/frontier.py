@@ -103,7 +103,10 @@ def plot(pts: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 5))
     series = sorted({p["series"] for p in pts if p["series"] != "FiNE lr sweep"})
-    markers = dict(zip(series, "osD^v<>pPX*h8", strict=False))
+    shapes = "osD^v<>pPX*h8"
+    markers = {
+        name: shapes[i % len(shapes)] for i, name in enumerate(series)
+    }  # more rows than shapes
     colours = {"smollm2-135m": "tab:blue", "gemma3-270m": "tab:orange"}
     for ax, (_, _, _, panel) in zip(axes, PANELS, strict=True):
         here = [p for p in pts if p["panel"] == panel]
