@@ -252,31 +252,81 @@ def _replayed_prefix(
     the same output at every optimisation step: record each once, then return the record.
     Yields the unedited logits [B, S, vocab] of the recording pass.
     """
-    prefix = arch.decoder_layers[:first_edited]
-    outputs: list = [None] * len(prefix)
-
-    def record(i: int):
-        def hook(module, args, output):
-            outputs[i] = output
-
-        return hook
-
-    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(prefix)]
-    try:
+    prefix = _Prefix(arch.decoder_layers[:first_edited])
+    with prefix.installed():
         with torch.no_grad():
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    for layer, output in zip(prefix, outputs, strict=True):
-        layer.forward = lambda *args, _output=output, **kwargs: _output
-    try:
-        yield logits
-    finally:
-        for layer in prefix:
-            del layer.forward
+            out, outputs = prefix.run(
+                model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+        prefix.replay(outputs)
+        yield out.logits
+
+
+class _Prefix:
+    """The blocks below the lowest edited layer, replayed from a record while ``on``
+    (deltas only change what happens above them).
+
+    A single edit records one pass (``run``) and ``replay``s it as it was. The batched
+    optimisation ``record``s each sequence on its own ([1, S, hidden] per block) and
+    ``assemble``s the records of the rows in the batch, right-padded; blocks that return more
+    than their hidden states (tuples, in some models and transformers versions) are then not
+    replayed but run for real every step."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks, self.on, self.replays = list(blocks), False, True
+        self.current: list = [None] * len(self.blocks)
+        self._last: list = [None] * len(self.blocks)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        def keep(i: int):
+            def hook(module, args, output) -> None:
+                if not self.on:
+                    self._last[i] = output
+
+            return hook
+
+        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        for i, block in enumerate(self.blocks):
+            block.forward = lambda *a, _i=i, _real=block.forward, **k: (
+                self.current[_i] if self.on and self.replays else _real(*a, **k)
+            )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for block in self.blocks:
+                del block.forward
+
+    def run(self, model: nn.Module, **inputs):
+        """One real pass of the model: its output, and what each block output ([B, S, hidden],
+        or whatever the block returns)."""
+        self.on = False
+        out = model(**inputs)
+        return out, list(self._last)
+
+    def record(self, model: nn.Module, input_ids: torch.Tensor):
+        """One real pass of ``input_ids`` [1, S] for ``assemble``: its output (logits [1, S,
+        vocab] and the key/value cache) and each block's output, or none when a block returns
+        more than its hidden states (then no block is replayed)."""
+        out, blocks = self.run(model, input_ids=input_ids, use_cache=True)
+        if not all(isinstance(b, torch.Tensor) for b in blocks):
+            self.replays, blocks = False, []
+        return out, blocks
+
+    def replay(self, outputs: list) -> None:
+        """From now on the blocks return ``outputs`` (one per block) as they are."""
+        self.current, self.on = list(outputs), True
+
+    def assemble(self, records: Sequence[list], width: int) -> None:
+        """Replay these rows' records (each [1, S_b, hidden] per block), right-padded to
+        ``width`` and stacked: [B', width, hidden] per block."""
+        if self.replays:
+            for i in range(len(self.blocks)):
+                self.current[i] = torch.cat(
+                    [F.pad(r[i], (0, 0, 0, width - r[i].shape[1])) for r in records]
+                )
 
 
 @dataclass(frozen=True)
@@ -706,63 +756,6 @@ class _Admitted:
     orig_logp: torch.Tensor  # [P-1, vocab]: unedited log-probabilities on the prompt
     blocks: list  # the outputs of the blocks below the lowest edited layer, from ``start``
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H, start, d]
-
-
-class _Prefix:
-    """The blocks below the lowest edited layer, replayed from a record while ``on``.
-
-    ``record(...)`` runs one sequence through the whole model for real and keeps what each
-    of those blocks output ([1, S, hidden]); ``assemble`` stacks the records of the rows in
-    the batch, right-padded, and while ``on`` each block returns its stack instead of
-    recomputing it (deltas only change what happens above). Blocks that return more than
-    their hidden states (tuples, in some models and transformers versions) are not replayed:
-    they run for real every step."""
-
-    def __init__(self, blocks: Sequence[nn.Module]) -> None:
-        self.blocks, self.on, self.replays = list(blocks), False, True
-        self.current: list = [None] * len(self.blocks)
-        self._last: list = [None] * len(self.blocks)
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        def keep(i: int):
-            def hook(module, args, output) -> None:
-                if not self.on:
-                    self._last[i] = output
-
-            return hook
-
-        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
-        for i, block in enumerate(self.blocks):
-            block.forward = lambda *a, _i=i, _real=block.forward, **k: (
-                self.current[_i] if self.on and self.replays else _real(*a, **k)
-            )
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for block in self.blocks:
-                del block.forward
-
-    def record(self, model: nn.Module, input_ids: torch.Tensor):
-        """One real pass of ``input_ids`` [1, S]: its output (logits [1, S, vocab] and the
-        key/value cache) and each block's output."""
-        self.on = False
-        out = model(input_ids=input_ids, use_cache=True)
-        blocks = list(self._last)
-        if not all(isinstance(b, torch.Tensor) for b in blocks):
-            self.replays, blocks = False, []
-        return out, blocks
-
-    def assemble(self, records: Sequence[list], width: int) -> None:
-        """Replay these rows' records (each [1, S_b, hidden] per block), right-padded to
-        ``width`` and stacked: [B', width, hidden] per block."""
-        if self.replays:
-            for i in range(len(self.blocks)):
-                self.current[i] = torch.cat(
-                    [F.pad(r[i], (0, 0, 0, width - r[i].shape[1])) for r in records]
-                )
 
 
 def _cache_of(output):
