@@ -35,12 +35,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .datasets import FORMATS, EditRecord, load_records
-from .editor import DEFAULT_METHOD, Outcome, edit_each, make_hparams
+from .editor import (
+    DEFAULT_METHOD,
+    Outcome,
+    check_batch_size,
+    chunk_size,
+    edit_each,
+    make_hparams,
+)
 from .errors import NeuronpatchError, PatchFileError
 from .patch import Patch
 from .request import EditRequest
 
-CHUNK_BATCHES = 4  # batch_size > 1: requests edited per call, in batches' worth
 DEFAULT_BATCH_SIZE = 8  # the CLI's: measured in benchmarks/results/edit_speed.md
 
 FAILURES_FILE = "failures.jsonl"
@@ -227,8 +233,7 @@ def run_batch(
         if isinstance(hparams, Mapping)
         else make_hparams(method, hparams)
     )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BatchError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_batch_size(batch_size, error=BatchError)
     wanted_hparams = json.loads(json.dumps(asdict(hp)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,8 +268,7 @@ def run_batch(
         disable=not progress,
         dynamic_ncols=True,
     )
-    # with batch_size > 1, a few batches' worth at a time: rows freed by early stops refill
-    chunk = 1 if batch_size == 1 else CHUNK_BATCHES * batch_size
+    chunk = chunk_size(batch_size)
     with bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]

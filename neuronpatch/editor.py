@@ -94,8 +94,7 @@ def edit(
     lowest probability of the edits still running).
     """
     hp = make_hparams(method, hparams, **overrides)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidHparamsError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     prepare = METHODS[method][1]
     if isinstance(request, (list, tuple)):
         requests = [EditRequest.coerce(r) for r in request]  # validate all before editing any
@@ -103,6 +102,23 @@ def edit(
             jobs = [prepare(model, tokenizer, r, hp) for r in requests]
         return run_jobs(model, jobs, progress, batch_size=batch_size)
     return run_job(model, prepare(model, tokenizer, EditRequest.coerce(request), hp), progress)
+
+
+CHUNK_BATCHES = 4  # tools editing many requests with batch_size > 1 edit this many batches' worth
+# per call: rows freed by early stops refill, and results are written chunk by chunk
+
+
+def check_batch_size(
+    value: Any, name: str = "batch_size", error: type = InvalidHparamsError
+) -> None:
+    """Refuse anything but a whole number >= 1 (as ``error``, naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def chunk_size(batch_size: int) -> int:
+    """How many requests a tool edits per ``edit_each`` call for this ``batch_size``."""
+    return 1 if batch_size == 1 else CHUNK_BATCHES * batch_size
 
 
 @dataclass

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from .arch import device_of, resolve
 from .datasets import FORMATS, EditRecord, load_records
-from .editor import DEFAULT_METHOD, Outcome, edit_each, make_hparams
+from .editor import (
+    DEFAULT_METHOD,
+    Outcome,
+    check_batch_size,
+    chunk_size,
+    edit_each,
+    make_hparams,
+)
 from .errors import InvalidRequestError, NeuronpatchError
 from .metrics import (
     agreement,
@@ -43,7 +50,6 @@ from .metrics import (
 from .runtime import applied
 from .tokens import TeacherForced, teacher_forced
 
-CHUNK_BATCHES = 4  # edit_batch_size > 1: records edited per call, in batches' worth
 FLUENCY_LENGTH = 100  # tokens in all, prompt included, as EasyEdit generates for fluency
 # Display names, in display order; other portability/locality keys follow under their own.
 LABELS = {
@@ -91,14 +97,7 @@ def evaluate(
         if isinstance(hparams, Mapping)
         else make_hparams(method, hparams)
     )
-    if (
-        isinstance(edit_batch_size, bool)
-        or not isinstance(edit_batch_size, int)
-        or edit_batch_size < 1
-    ):
-        raise EvaluationError(
-            f"edit_batch_size must be a whole number >= 1, got {edit_batch_size!r}"
-        )
+    check_batch_size(edit_batch_size, "edit_batch_size", EvaluationError)
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):
         repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -128,9 +127,8 @@ def evaluate(
         disable=not progress,
         dynamic_ncols=True,
     )
-    # with edit_batch_size > 1, a few batches' worth of records at a time (rows freed by early
-    # stops refill); each record is scored before and after on its own all the same
-    chunk = 1 if edit_batch_size == 1 else CHUNK_BATCHES * edit_batch_size
+    # each record is scored before and after on its own, however many are edited together
+    chunk = chunk_size(edit_batch_size)
     with bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
