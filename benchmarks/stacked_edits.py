@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = {**stacks, "record_ids": config["record_ids"][:size]}
         points.append(
             _cached(run_dir / f"stack-{size}{tag}.json", cfg,
-                    lambda s=size: scorer.stacked(edited, s, run_dir, args.calibrate))
+                    lambda s=size: scorer.stacked(
+                        edited, s, run_dir / f"stack-{s}{tag}.safetensors", args.calibrate))
         )  # fmt: skip
     result = {
         "config": {k: v for k, v in stacks.items() if k != "record_ids"},
@@ -273,10 +274,10 @@ class Scorer:
         return {"size": 1, "alone": True, **_point(results)}
 
     def stacked(
-        self, edited: list[tuple[EditRecord, Path]], size: int, run_dir: Path, calibrate: bool
+        self, edited: list[tuple[EditRecord, Path]], size: int, out: Path, calibrate: bool
     ) -> dict:
-        """The first ``size`` edits stacked into one patch (stack-calibrated first with
-        ``calibrate``), applied together, all scored."""
+        """The first ``size`` edits stacked into one patch saved as ``out`` (stack-calibrated
+        first with ``calibrate``), applied together, all scored."""
         pre = self.unedited()
         parts = [Patch.load(path) for _, path in edited[:size]]
         began = time.perf_counter()
@@ -284,8 +285,7 @@ class Scorer:
             parts = calibrate_stack(self.model, self.tokenizer, parts)
         calibrate_s = time.perf_counter() - began
         patch = stack(parts)
-        tag = "-calibrated" if calibrate else ""
-        path = patch.save(run_dir / f"stack-{size}{tag}.safetensors")
+        path = patch.save(out)
         began = time.perf_counter()
         with neuronpatch.applied(self.model, patch):
             applied_s = time.perf_counter() - began
