@@ -107,6 +107,16 @@ VARIANTS = {
     # (`eval --device cuda --edit-batch-size 8`), stopped by a time limit after 29-32 records
     # each; the records done (from 0, 75, 150 and 225 on) summarised together
     "default with fluency, 4 shards (H100)": ("local", CALIBRATED_WITH_NEIGHBOURS),
+    # the default with a third gate: the query key read again at an early layer (wording);
+    # layer and threshold chosen gate-only on held-out WikiData_cf records 300-379
+    "local: default + wording gate at layer 4, 0.88": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "wording_layer": 4, "wording_threshold": 0.88},
+    ),
+    "local: default + wording gate at layer 2, 0.95": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "wording_layer": 2, "wording_threshold": 0.95},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

@@ -35,9 +35,9 @@ from .errors import (
 
 FORMAT_NAME = "neuronpatch"
 # 3 only where a gate has a span, 2 for other gated patches, 1 for ungated ones
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
-_GATED_VERSIONS = ("2", "3")
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
+_GATED_VERSIONS = ("2", "3", "4")
 GATE_KINDS = ("subject", "query")  # same run-time semantics; the key's origin differs
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -532,10 +532,16 @@ def _validate_requires(g: int, gate: Gate, gates: tuple[Gate, ...], where: str) 
             f"{where}: gate {g} requires gate {r}; it must name an earlier gate of the same "
             f"patch (0..{g - 1})"
         )
-    if gates[r].layer >= gate.layer:
+    required = gates[r]
+    if required.layer > gate.layer or (
+        required.layer == gate.layer and required.requires is not None
+    ):
         raise GateError(
             f"{where}: gate {g} (layer {gate.layer}) requires gate {r}, which reads layer "
-            f"{gates[r].layer}; the required gate must read a lower layer, to be known first"
+            f"{required.layer}"
+            + (" and requires a gate itself" if required.layer == gate.layer else "")
+            + "; the required gate must read a lower layer, or the same layer and require no "
+            "gate (v4), to be known first"
         )
 
 
@@ -594,6 +600,19 @@ def _read_gates(
         if "span" in spec and (isinstance(span, bool) or not isinstance(span, int)):
             raise CorruptPatchError(f"{source}: gate {g} span must be an integer")
         gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires, span))
+    if version in ("2", "3"):
+        same = [
+            g
+            for g, gate in enumerate(gates)
+            if gate.requires is not None
+            and 0 <= gate.requires < g
+            and gates[gate.requires].layer == gate.layer
+        ]
+        if same:
+            raise CorruptPatchError(
+                f"{source}: gate {same[0]} requires a gate of its own layer, which format "
+                f"version {version} does not define (such gates are written as version 4)"
+            )
     return tuple(gates)
 
 
@@ -609,8 +628,20 @@ def _gate_spec(gate: Gate) -> dict[str, Any]:
     return spec
 
 
+def _same_layer_requires(gates: Sequence[Gate]) -> bool:
+    """Whether some gate requires a gate of its own layer (format version 4)."""
+    return any(
+        g.requires is not None
+        and 0 <= g.requires < len(gates)
+        and gates[g.requires].layer == g.layer
+        for g in gates
+    )
+
+
 def _version_of(gates: tuple[Gate, ...]) -> str:
     """The oldest format version that holds ``gates`` (older files keep their bytes)."""
+    if _same_layer_requires(gates):
+        return "4"
     if any(g.span is not None for g in gates):
         return "3"
     return "2" if gates else "1"

@@ -1,4 +1,4 @@
-"""Write the gated golden patches under ``patches/golden/`` (format versions 2 and 3).
+"""Write the gated golden patches under ``patches/golden/`` (format versions 2, 3 and 4).
 
     .venv/bin/python patches/make_golden_gated.py           # write the files
     .venv/bin/python patches/make_golden_gated.py --check   # rebuild in memory, compare
@@ -8,11 +8,15 @@ with every row behind the ``"local"`` method's two gates for its request: a subj
 (" France"'s residual after layer 1, threshold 0.75) and a query gate (the prompt's last
 token after layer 15, threshold 0.9) that requires it. In ``-v2-gated`` the query gate stays
 open to the end of the sequence; in ``-v3-gated`` it has a span of 1 (" Rome" is one token).
+``-v4-gated`` adds a wording gate between them (the prompt's last token after layer 1,
+threshold 0.88, span 1), which requires the subject gate of its own layer (version 4).
 
 Each ``.expected.json`` records the file's sha256 and, with the patch applied, the top-5
 next-token ids and logits after the prompt, after the prompt continued past the answer
 (where the two versions differ: the v3 gate has closed), and the fact that another subject's
-prompt keeps its unpatched logits. Written once per format version, never regenerated.
+prompt keeps its unpatched logits; the v4 record also holds the top 5 after the question
+asked inside a longer sentence (``CLAUSE``). Written once per format version, never
+regenerated: a file that exists is only compared, never overwritten.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 SOURCE = GOLDEN / "smollm2-135m-v1-manual.safetensors"
 CONTINUED = " Rome. It is known for"  # appended to the prompt: positions after the answer
 OTHER = "The capital of Germany is"  # another subject: both gates stay shut
+CLAUSE = "The capital of France, which is not Rome, is"  # the question inside a sentence
 TOP = 5
 
 
@@ -53,14 +58,16 @@ def _top(model, tokenizer, text: str) -> dict:
 
 
 def build() -> dict[str, tuple[bytes, dict]]:
-    """{file name: (bytes, expected record)} for the v2 and v3 gated golden patches."""
+    """{file name: (bytes, expected record)} for the v2, v3 and v4 gated golden patches."""
     model, tokenizer = neuronpatch.load_model("smollm2-135m")
     source = neuronpatch.Patch.load(SOURCE)
     request = EditRequest.coerce(source.requests[0])
     out = {}
-    for version, span in (("2", None), ("3", 1)):
+    for version, span, wording in (("2", None, None), ("3", 1, None), ("4", 1, 1)):
         # the default gates when these files were made: subject gate at layer 1, 0.75
-        hp = LocalHparams(subject_layer=1, subject_threshold=0.75, query_span=span)
+        hp = LocalHparams(
+            subject_layer=1, subject_threshold=0.75, query_span=span, wording_layer=wording
+        )
         gates = make_gates(model, tokenizer, request, hp)
         layers = {
             layer: LayerDelta(
@@ -85,6 +92,7 @@ def build() -> dict[str, tuple[bytes, dict]]:
             prompt = _top(model, tokenizer, request.prompt)
             continued = _top(model, tokenizer, request.prompt + CONTINUED)
             other = _top(model, tokenizer, OTHER)
+            clause = _top(model, tokenizer, CLAUSE) if wording is not None else None
         if prompt["top5_tokens"][0] != request.target_new:
             sys.exit(f"make_golden_gated: v{version} does not make {request.target_new!r} greedy")
         if other != unpatched:
@@ -100,8 +108,13 @@ def build() -> dict[str, tuple[bytes, dict]]:
             "continued": continued,
             "unchanged": OTHER,
         }
+        if clause is not None:
+            expected["wording_layer"] = wording
+            expected["clause"] = clause
         out[name] = (data, expected)
-    a, b = (out[n][1]["continued"]["top5_logits"] for n in sorted(out))
+    a, b = (
+        out[f"smollm2-135m-v{v}-gated.safetensors"][1]["continued"]["top5_logits"] for v in "23"
+    )
     if a == b:
         sys.exit("make_golden_gated: the span does not change the continuation; pick another")
     return out
@@ -117,7 +130,7 @@ def main() -> None:
         path = GOLDEN / name
         record = path.with_suffix(".expected.json")
         text = json.dumps(expected, indent=2, ensure_ascii=False) + "\n"
-        if args.check:
+        if args.check or path.exists():  # released files are compared, never rewritten
             ok = path.read_bytes() == data and record.read_text() == text
             print(f"{name}: {'identical' if ok else 'DIFFERS'}")
             same &= ok

@@ -74,6 +74,35 @@ def test_batched_edits_equal_single_edits_up_to_rounding(model_type, method):
     assert not any("forward" in vars(block) for block in resolve(model).decoder_layers)
 
 
+def test_batched_edits_behind_a_chain_of_three_gates_equal_single_edits():
+    # subject and wording keys at layer 0 (the wording gate requires the subject gate of its
+    # own layer), the query key at 1, rows at 2: the batch opens where the whole chain opens
+    model = build_tiny("llama")
+    chain = {
+        "frozen_layers": 0,
+        "gate_key": "both",
+        "gate_layer": 1,
+        "subject_layer": 0,
+        "subject_threshold": -0.5,
+        "wording_layer": 0,
+        "wording_threshold": 0.5,
+    }
+    hp = {**HPARAMS["local"], **chain}
+
+    def _edit(model, requests, method, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return neuronpatch.edit(model, TinyTokenizer(), requests, method=method, **hp, **kwargs)
+
+    alone = [_edit(model, r, "local") for r in REQUESTS]
+    assert all(
+        [(g.layer, g.requires) for g in p.gates] == [(0, None), (0, 0), (1, 1)] for p in alone
+    )
+    batched = _edit(model, REQUESTS, "local", batch_size=2)
+    for b, a in zip(batched, alone, strict=True):
+        _assert_close(b, a, atol=1e-5)
+
+
 def test_batched_edits_of_a_bf16_model_are_close_to_single_ones():
     model = build_tiny("llama", dtype=torch.bfloat16)
     alone = [_edit(model, r, "local") for r in REQUESTS]

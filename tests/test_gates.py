@@ -308,20 +308,115 @@ def test_required_gates_survive_files_stacks_and_unstacking():
 
 
 @pytest.mark.parametrize(
-    ("requires", "layer", "message"),
+    ("requires", "layer", "first_layer", "message"),
     [
-        (1, 1, "must name an earlier gate"),
-        (-1, 1, "must name an earlier gate"),
-        (0, 0, "must read a lower layer"),
+        (1, 1, 0, "must name an earlier gate"),
+        (-1, 1, 0, "must name an earlier gate"),
+        (0, 0, 1, "must read a lower layer"),
     ],
 )
-def test_bad_required_gates_are_refused(requires, layer, message):
+def test_bad_required_gates_are_refused(requires, layer, first_layer, message):
     model = build_tiny("llama")
     patch = conjunction(model, 2, 6)
     first, second = patch.gates
+    first = Gate(first_layer, first.key, first.centre, first.threshold)
     bad = Gate(layer, second.key, second.centre, 0.5, "query", requires)
     with pytest.raises(GateError, match=message):
         Patch(patch.layers, patch.base, gates=(first, bad))
+
+
+# --- a gate requiring a gate of its own layer (format v4) ---------------------------------
+
+
+def three_gates(model, subject_at: int, wording_at: int, query_at: int, span=None) -> Patch:
+    """Rows at layer 2 behind query (layer 1) <- wording (layer 0) <- subject (layer 0): the
+    default gates with a wording gate, in miniature; keys at the given positions of IDS."""
+    h0, h1 = residual(model, IDS, 0)[0], residual(model, IDS, 1)[0]
+    c0, c1 = h0.mean(0), h1.mean(0)
+    subject = Gate(0, h0[subject_at] - c0, c0, 0.999)
+    wording = Gate(0, h0[wording_at] - c0, c0, 0.999, "query", requires=0, span=span)
+    query = Gate(1, h1[query_at] - c1, c1, 0.999, "query", requires=1, span=span)
+    ld = make_patch(model, layers=[2], scale=2.0).layers[2]
+    rows = {2: LayerDelta(ld.neuron_indices, ld.deltas, torch.full_like(ld.neuron_indices, 2))}
+    return Patch(rows, make_patch(model).base, gates=(subject, wording, query), method="test")
+
+
+def test_a_gate_may_require_a_gate_of_its_own_layer():
+    model = build_tiny("llama")
+    base = logits(model, IDS)
+    patch = three_gates(model, subject_at=2, wording_at=6, query_at=6)
+    ld = patch.layers[2]
+    plain = Patch({2: LayerDelta(ld.neuron_indices, ld.deltas)}, patch.base, method="test")
+    with neuronpatch.applied(model, patch):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=6), atol=1e-5)
+    # the chain is a conjunction: the same-layer wording gate opening late holds all back
+    late = three_gates(model, subject_at=2, wording_at=8, query_at=6)
+    with neuronpatch.applied(model, late):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=8), atol=1e-5)
+    # a wording gate that never opens keeps the rows out: bitwise the base logits
+    subject, wording, query = patch.gates
+    never = Gate(0, torch.randn(wording.key.shape), wording.centre, 0.999, "query", 0)
+    shut = Patch(patch.layers, patch.base, gates=(subject, never, query), method="test")
+    with neuronpatch.applied(model, shut):
+        assert torch.equal(logits(model, IDS), base)
+    # so does a subject gate that never opens, though the gates that require it match
+    nobody = Gate(0, torch.randn(subject.key.shape), subject.centre, 0.999)
+    shut = Patch(patch.layers, patch.base, gates=(nobody, wording, query), method="test")
+    with neuronpatch.applied(model, shut):
+        assert torch.equal(logits(model, IDS), base)
+
+
+@pytest.mark.parametrize("span", [None, 3])
+def test_same_layer_conjunctions_step_through_a_kv_cache_as_one_pass(span):
+    model = build_tiny("llama")
+    patch = three_gates(model, subject_at=2, wording_at=6, query_at=6, span=span)
+    with neuronpatch.applied(model, patch), torch.no_grad():
+        full = model(input_ids=IDS).logits  # [1, T, vocab]
+        cache, steps = None, []
+        for t in range(IDS.shape[1]):
+            out = model(input_ids=IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-4)
+    assert not torch.allclose(full, logits(model, IDS), atol=1e-4)
+
+
+def test_same_layer_conjunctions_are_format_version_4_and_round_trip(tmp_path, monkeypatch):
+    from neuronpatch.errors import CorruptPatchError
+    from neuronpatch.stacking import stack, unstack
+
+    model = build_tiny("llama")
+    patch = three_gates(model, subject_at=2, wording_at=6, query_at=6)
+    path = patch.save(tmp_path / "w.safetensors")
+    raw = path.read_bytes()
+    assert b'"format_version":"4"' in raw[:4096]
+    loaded = Patch.load(path)
+    assert loaded.to_bytes() == raw
+    assert [(g.layer, g.requires) for g in loaded.gates] == [(0, None), (0, 0), (1, 1)]
+    other = conjunction(model, 3, 8, seed=2)  # v2 beside v4 in one stack
+    stacked = stack([patch, other])
+    assert [g.requires for g in stacked.gates] == [None, 0, 1, None, 3]
+    assert b'"format_version":"4"' in stacked.to_bytes()[:4096]
+    assert [p.to_bytes() for p in unstack(stacked)] == [raw, other.to_bytes()]
+    # a same-layer requirement in a file that says version 3 is corrupt, not reinterpreted
+    forged = raw.replace(b'"format_version":"4"', b'"format_version":"3"')
+    with pytest.raises(CorruptPatchError, match="version 3 does not define"):
+        Patch.from_bytes(forged)
+    # a reader that knows versions 1-3 refuses the file instead of misreading its chain
+    monkeypatch.setattr(neuronpatch.patch, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3))
+    with pytest.raises(FormatVersionError, match="Upgrade neuronpatch"):
+        Patch.load(path)
+
+
+def test_a_same_layer_required_gate_must_require_none_itself():
+    model = build_tiny("llama")
+    subject, wording, query = three_gates(model, 2, 6, 6).gates
+    chained = Gate(0, query.key[: wording.key.shape[0]], wording.centre, 0.5, "query", 1)
+    patch = three_gates(model, 2, 6, 6)
+    with pytest.raises(GateError, match="requires a gate itself"):
+        Patch(patch.layers, patch.base, gates=(subject, wording, chained))
 
 
 # --- spans (format v3): a gate open only for `span` positions from each match -------------
@@ -442,7 +537,7 @@ def test_bad_spans_are_refused(span):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["2", "3"])
+@pytest.mark.parametrize("version", ["2", "3", "4"])
 def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
     import hashlib
     import json
@@ -456,9 +551,12 @@ def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
     patch = Patch.load(path)
     assert patch.to_bytes() == raw
     assert f'"format_version":"{version}"'.encode() in raw[:8192]
+    span = expected["query_span"]
+    wording = [("query", 1, 0, span)] if version == "4" else []  # same layer as its required
     assert [(g.kind, g.layer, g.requires, g.span) for g in patch.gates] == [
         ("subject", 1, None, None),
-        ("query", 15, 0, expected["query_span"]),
+        *wording,
+        ("query", 15, len(wording), span),
     ]
     model, tok = smollm2
 
@@ -468,8 +566,10 @@ def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
         return out.topk(5)
 
     unchanged = logits(model, tok(expected["unchanged"], return_tensors="pt").input_ids)
+    clause = tok(expected.get("clause", {}).get("text", "x"), return_tensors="pt").input_ids
+    unchanged_clause = logits(model, clause)
     with neuronpatch.applied(model, patch):
-        for case in ("prompt", "continued"):
+        for case in ("prompt", "continued", "clause")[: 3 if version == "4" else 2]:
             got = top(expected[case]["text"])
             assert got.indices.tolist() == expected[case]["top5_ids"], case
             assert torch.allclose(
@@ -477,3 +577,5 @@ def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
             )
         other = tok(expected["unchanged"], return_tensors="pt").input_ids
         assert torch.equal(logits(model, other), unchanged)  # both gates shut: bitwise
+        if version == "4":  # the question inside a sentence: the wording gate stays shut
+            assert torch.equal(logits(model, clause), unchanged_clause)

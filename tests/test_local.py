@@ -95,6 +95,9 @@ def test_without_gate_the_patch_is_plain():
         ({"calibration_neighbours": True}, "calibration_neighbours must be an integer >= 0"),
         ({"query_span": "answer"}, "query_span must be 'target'"),
         ({"query_span": True}, "query_span must be 'target'"),
+        ({"wording_layer": -1}, "wording_layer must be None or an integer >= 0"),
+        ({"wording_layer": True}, "wording_layer must be None or an integer >= 0"),
+        ({"wording_threshold": 1.0}, "wording_threshold must lie strictly between"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
@@ -328,6 +331,63 @@ def test_subject_and_query_gate_edits_this_question_only(smollm2, both_patches, 
             assert torch.equal(logits(model, other, tok), base_logits[other]), other
             assert greedy(model, tok, other) == before[other], other
     assert greedy(model, tok, prompt) == before[prompt]
+
+
+def test_a_wording_gate_joins_the_chain_of_gates_below_the_query_gate(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model, tok = build_tiny("llama"), TinyTokenizer()
+    # 3 layers: subject and wording keys at layer 0, the query key at 1, rows at 2
+    hp = {"frozen_layers": 0, "gate_layer": 1, "subject_layer": 0, "wording_layer": 0}
+    hp["subject_threshold"] = 0.5  # fixed: calibration needs a real tokenizer
+    patch = tiny_edit(model, gate_key="both", **hp)
+    chain = [(g.kind, g.layer, g.requires) for g in patch.gates]
+    assert chain == [("subject", 0, None), ("query", 0, 0), ("query", 1, 1)]
+    assert set(patch.layers) == {2}
+    assert b'"format_version":"4"' in patch.to_bytes()[:4096]
+    ids = torch.tensor([tok(TINY["prompt"]).input_ids])
+    expected = _residual(model, ids, 0)[0, -1] - generic_centre(model, tok, 0)
+    assert torch.equal(patch.gates[1].key, expected)  # the prompt's last token, low down
+    assert patch.gates[1].threshold == LocalHparams().wording_threshold
+    # below the subject key, the wording gate comes first and the subject gate requires it
+    query_only = tiny_edit(model, gate_key="query", **hp)
+    assert [(g.layer, g.requires) for g in query_only.gates] == [(0, None), (1, 0)]
+    assert b'"format_version":"3"' in query_only.to_bytes()[:4096]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gate_key": "subject", "wording_layer": 0}, "gate_key='subject' has no query gate"),
+        ({"gate_key": "query", "wording_layer": 1, "gate_layer": 1}, "must be below the query"),
+    ],
+)
+def test_a_wording_gate_needs_a_query_gate_above_it(overrides, message):
+    with pytest.raises(InvalidHparamsError, match=message):
+        tiny_edit(build_tiny("llama"), **{"frozen_layers": 0, **overrides})
+
+
+@pytest.mark.slow
+def test_wording_gate_keeps_the_question_inside_a_longer_sentence_unedited(smollm2):
+    # KnowEdit's Forgetfulness prompts ask the edited question with a clause naming the new
+    # answer as wrong; the query key alone opens there, the wording key (layer 2) does not
+    model, tok = smollm2
+    request, rewording, other_relations, other_subjects = QUERY_FACTS[0]
+    patch = neuronpatch.edit(
+        model, tok, request, method="local", wording_layer=2, wording_threshold=0.95
+    )
+    assert patch.metrics["success"] and [g.layer for g in patch.gates] == [2, 4, 15]
+    clause = "The currency of Japan, which is not euro, is the"
+    untouched = [clause, *other_relations, *other_subjects]
+    before = {p: logits(model, p, tok) for p in untouched}
+    assert "yen" in greedy(model, tok, clause)
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, request["prompt"]).strip().startswith("euro")
+        assert greedy(model, tok, rewording).strip().startswith("euro")
+        for other in untouched:
+            assert torch.equal(logits(model, other, tok), before[other]), other
+    without = neuronpatch.edit(model, tok, request, method="local")
+    with neuronpatch.applied(model, without):  # what the wording gate prevents
+        assert "euro" in greedy(model, tok, clause)
 
 
 def test_both_gates_need_a_query_layer_above_the_subject_key():
