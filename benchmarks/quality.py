@@ -108,7 +108,8 @@ VARIANTS = {
     # each; the records done (from 0, 75, 150 and 225 on) summarised together
     "default with fluency, 4 shards (H100)": ("local", CALIBRATED_WITH_NEIGHBOURS),
     # the default with a third gate: the query key read again at an early layer (wording);
-    # layer and threshold chosen gate-only on held-out WikiData_cf records 300-379
+    # layer and threshold chosen gate-only on held-out WikiData_cf records 300-379. On
+    # gemma3-270m (layer 4) this is the default (wording_layer="auto"); smollm2 has none
     "local: default + wording gate at layer 4, 0.88": (
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "wording_layer": 4, "wording_threshold": 0.88},
@@ -225,6 +226,8 @@ def _command(
     cmd += ["--device", device] if device else []
     cmd += ["--edit-batch-size", str(edit_batch_size)] if edit_batch_size > 1 else []
     method, overrides = VARIANTS[variant]
+    if method == "local":  # rows measured before wording gates existed keep none
+        overrides = {"wording_layer": None, **overrides}
     cmd += ["--method", method]
     for key, value in overrides.items():
         cmd += ["--hparam", f"{key}={json.dumps(value)}"]

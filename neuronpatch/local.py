@@ -150,6 +150,12 @@ TARGET_SPAN = "target"  # query_span: the target's token count
 CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than this
 MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
 CALIBRATION_MARGIN = 0.02  # above the highest calibration cosine (see calibrated_threshold)
+AUTO = "auto"  # wording_layer: the layer measured for this model (MEASURED_WORDING_LAYERS)
+# (model_type, number of layers) -> the wording gate's layer, where measured to help: on
+# gemma3-270m WikiData_cf (n=300) Forgetfulness rises with SAA and RSA unchanged (README).
+# smollm2-135m has none: its query gate already shuts most Forgetfulness prompts, and its
+# best wording layer (2, at 0.95) would cost subject aliases more than it gains.
+MEASURED_WORDING_LAYERS = {("gemma3_text", 18): 4}
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
 
 
@@ -179,7 +185,8 @@ class LocalHparams(FineHparams):
     # such gate), where its residual still encodes the question's last words: it shuts the
     # question asked inside a longer sentence ("X, which is not T, is"); cosine threshold
     # ``wording_threshold``, span as the query gate's (see the module docstring)
-    wording_layer: int | None = None
+    # ("auto": the layer measured for this model in MEASURED_WORDING_LAYERS, else none)
+    wording_layer: int | str | None = AUTO
     wording_threshold: float = 0.88
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
@@ -215,13 +222,14 @@ class LocalHparams(FineHparams):
             raise InvalidHparamsError(f"calibration_neighbours must be an integer >= 0, got {n!r}")
         if self.subject_layer < 0:
             raise InvalidHparamsError(f"subject_layer must be >= 0, got {self.subject_layer}")
-        if self.wording_layer is not None and (
+        if self.wording_layer not in (None, AUTO) and (
             isinstance(self.wording_layer, bool)
             or not isinstance(self.wording_layer, int)
             or self.wording_layer < 0
         ):
             raise InvalidHparamsError(
-                f"wording_layer must be None or an integer >= 0, got {self.wording_layer!r}"
+                f"wording_layer must be {AUTO!r}, None or an integer >= 0, "
+                f"got {self.wording_layer!r}"
             )
         if self.gate_layer is not None and self.gate_layer < 0:
             raise InvalidHparamsError(f"gate_layer must be >= 0, got {self.gate_layer}")
@@ -236,6 +244,19 @@ class LocalHparams(FineHparams):
         if self.gate_threshold is not None:
             return self.gate_threshold
         return 0.75 if self.gate_key == "subject" else 0.9
+
+    def for_model(self, arch: ModelArch) -> LocalHparams:
+        """These hyperparameters with ``wording_layer="auto"`` resolved for ``arch``: the
+        measured layer (``MEASURED_WORDING_LAYERS``) where it fits below the query gate of a
+        query or both key, else None."""
+        if self.wording_layer != AUTO:
+            return self
+        layer = MEASURED_WORDING_LAYERS.get((arch.model_type, arch.num_layers))
+        if layer is not None and (
+            self.gate_key == "subject" or layer >= self.layer_of_gate(arch.num_layers)
+        ):
+            layer = None
+        return replace(self, wording_layer=layer)
 
     def layer_of_gate(self, num_layers: int) -> int:
         """The layer the gate reads (``gate_layer``, or the key's default for this depth)."""
@@ -376,6 +397,7 @@ def make_gates(
 
     A gate's key is the residual (centred on generic text) at its layer of the subject's
     last token (``"subject"``) or of the prompt's last token (``"query"``)."""
+    hp = hp.for_model(resolve(model))
     layer = hp.layer_of_gate(resolve(model).num_layers)
     if hp.gate_key == "both":
         specs = [
@@ -590,9 +612,9 @@ def prepare_local(
 ) -> EditJob:
     """The gates and located neurons of a locality-aware edit: the job ``run_job`` /
     ``run_jobs`` optimise."""
-    hp = hparams or LocalHparams()
     request = EditRequest.coerce(request)
     arch: ModelArch = resolve(model)
+    hp = (hparams or LocalHparams()).for_model(arch)
     top = arch.num_layers - hp.frozen_layers
     gate_layer = hp.layer_of_gate(arch.num_layers)
     if hp.gate and gate_layer >= arch.num_layers:

@@ -162,6 +162,10 @@ def test_batched_edits_on_gemma3_match_single_ones(gemma3):
          "target_new": "Italy"},
     ]  # fmt: skip
     alone = neuronpatch.edit(model, tok, facts)
+    # gemma3's default chain: subject and wording keys at layer 4, the query key at 9
+    assert all(
+        [(g.layer, g.requires) for g in p.gates] == [(4, None), (4, 0), (9, 1)] for p in alone
+    )
     batched = neuronpatch.edit(model, tok, facts, batch_size=2)
     for b, a in zip(batched, alone, strict=True):
         _assert_close(b, a, atol=1e-3)

@@ -95,8 +95,9 @@ def test_without_gate_the_patch_is_plain():
         ({"calibration_neighbours": True}, "calibration_neighbours must be an integer >= 0"),
         ({"query_span": "answer"}, "query_span must be 'target'"),
         ({"query_span": True}, "query_span must be 'target'"),
-        ({"wording_layer": -1}, "wording_layer must be None or an integer >= 0"),
-        ({"wording_layer": True}, "wording_layer must be None or an integer >= 0"),
+        ({"wording_layer": -1}, "wording_layer must be 'auto', None or an integer >= 0"),
+        ({"wording_layer": True}, "wording_layer must be 'auto', None or an integer >= 0"),
+        ({"wording_layer": "four"}, "wording_layer must be 'auto', None or an integer >= 0"),
         ({"wording_threshold": 1.0}, "wording_threshold must lie strictly between"),
     ],
 )
@@ -352,6 +353,26 @@ def test_a_wording_gate_joins_the_chain_of_gates_below_the_query_gate(monkeypatc
     query_only = tiny_edit(model, gate_key="query", **hp)
     assert [(g.layer, g.requires) for g in query_only.gates] == [(0, None), (1, 0)]
     assert b'"format_version":"3"' in query_only.to_bytes()[:4096]
+
+
+def test_auto_wording_layer_is_the_one_measured_for_the_model():
+    from types import SimpleNamespace
+
+    gemma = SimpleNamespace(model_type="gemma3_text", num_layers=18)
+    assert LocalHparams().wording_layer == "auto"
+    assert LocalHparams().for_model(gemma).wording_layer == 4
+    assert LocalHparams(gate_key="query").for_model(gemma).wording_layer == 4
+    # where it would not fit (no query gate; a query gate at or below it): none
+    assert LocalHparams(gate_key="subject").for_model(gemma).wording_layer is None
+    assert LocalHparams(gate_layer=4, subject_layer=2).for_model(gemma).wording_layer is None
+    # other models have no measured layer; a number or None is kept as given
+    smollm2 = SimpleNamespace(model_type="llama", num_layers=30)
+    assert LocalHparams().for_model(smollm2).wording_layer is None
+    assert LocalHparams(wording_layer=2).for_model(smollm2).wording_layer == 2
+    assert LocalHparams(wording_layer=None).for_model(gemma).wording_layer is None
+    # the patch records what was used, not "auto"
+    patch = tiny_edit(build_tiny("llama"), gate_key="query", frozen_layers=0, gate_layer=1)
+    assert patch.hparams["wording_layer"] is None and len(patch.gates) == 1
 
 
 @pytest.mark.parametrize(
