@@ -66,7 +66,11 @@ def build() -> dict[str, tuple[bytes, dict]]:
     for version, span, wording in (("2", None, None), ("3", 1, None), ("4", 1, 1)):
         # the default gates when these files were made: subject gate at layer 1, 0.75
         hp = LocalHparams(
-            subject_layer=1, subject_threshold=0.75, query_span=span, wording_layer=wording
+            subject_layer=1,
+            subject_threshold=0.75,
+            gate_threshold=0.9,
+            query_span=span,
+            wording_layer=wording,
         )
         gates = make_gates(model, tokenizer, request, hp)
         layers = {

@@ -98,6 +98,11 @@ def test_without_gate_the_patch_is_plain():
         ({"wording_layer": -1}, "wording_layer must be 'auto', None or an integer >= 0"),
         ({"wording_layer": True}, "wording_layer must be 'auto', None or an integer >= 0"),
         ({"wording_layer": "four"}, "wording_layer must be 'auto', None or an integer >= 0"),
+        ({"gate_threshold": "fixed"}, "gate_threshold must be a number or 'calibrated'"),
+        (
+            {"gate_key": "subject", "gate_threshold": "calibrated"},
+            "gate_key='subject' has none",
+        ),
         ({"wording_threshold": 1.0}, "wording_threshold must lie strictly between"),
     ],
 )
@@ -319,6 +324,10 @@ def test_subject_and_query_gate_edits_this_question_only(smollm2, both_patches, 
     patch = both_patches[i]
     assert patch.metrics["success"], patch.metrics
     assert [(g.kind, g.requires) for g in patch.gates] == [("subject", None), ("query", 0)]
+    # smollm2's query threshold is calibrated per edit, within [0.85, 0.9]
+    assert (
+        0.85 <= patch.gates[1].threshold <= 0.9 and patch.hparams["gate_threshold"] == "calibrated"
+    )
     prompt, target = request["prompt"], request["target_new"]
     untouched = other_relations + other_subjects + UNRELATED
     before = {p: greedy(model, tok, p) for p in [prompt, rewording, *untouched]}
@@ -358,21 +367,57 @@ def test_a_wording_gate_joins_the_chain_of_gates_below_the_query_gate(monkeypatc
 def test_auto_wording_layer_is_the_one_measured_for_the_model():
     from types import SimpleNamespace
 
-    gemma = SimpleNamespace(model_type="gemma3_text", num_layers=18)
-    assert LocalHparams().wording_layer == "auto"
-    assert LocalHparams().for_model(gemma).wording_layer == 4
+    gemma = SimpleNamespace(model_type="gemma3_text", num_layers=18, hidden_size=640)
+    smollm2 = SimpleNamespace(model_type="llama", num_layers=30, hidden_size=576)
+    other = SimpleNamespace(model_type="llama", num_layers=16, hidden_size=2048)
+    default = LocalHparams()
+    assert (default.wording_layer, default.gate_threshold) == ("auto", "auto")
+    resolved = {
+        name: (hp.wording_layer, hp.gate_threshold)
+        for name, hp in [(n, default.for_model(a)) for n, a in [("g", gemma), ("s", smollm2)]]
+    }
+    assert resolved == {"g": (4, None), "s": (None, "calibrated")}
+    assert default.for_model(other).wording_layer is None
+    assert default.for_model(other).threshold() == 0.9
     assert LocalHparams(gate_key="query").for_model(gemma).wording_layer == 4
     # where it would not fit (no query gate; a query gate at or below it): none
     assert LocalHparams(gate_key="subject").for_model(gemma).wording_layer is None
+    assert LocalHparams(gate_key="subject").for_model(smollm2).threshold() == 0.75
     assert LocalHparams(gate_layer=4, subject_layer=2).for_model(gemma).wording_layer is None
-    # other models have no measured layer; a number or None is kept as given
-    smollm2 = SimpleNamespace(model_type="llama", num_layers=30)
-    assert LocalHparams().for_model(smollm2).wording_layer is None
+    # a number or None is kept as given
     assert LocalHparams(wording_layer=2).for_model(smollm2).wording_layer == 2
     assert LocalHparams(wording_layer=None).for_model(gemma).wording_layer is None
+    assert LocalHparams(gate_threshold=0.8).for_model(smollm2).threshold() == 0.8
     # the patch records what was used, not "auto"
     patch = tiny_edit(build_tiny("llama"), gate_key="query", frozen_layers=0, gate_layer=1)
     assert patch.hparams["wording_layer"] is None and len(patch.gates) == 1
+    assert patch.hparams["gate_threshold"] is None and patch.gates[0].threshold == 0.9
+
+
+def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(monkeypatch):
+    from neuronpatch.local import QUERY_CAP, QUERY_FLOOR, peak_cosines
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model, tok = build_tiny("llama"), TinyTokenizer()
+    templates = ("{subject} one", "two {subject} three", "four five {subject}")
+    hp = {"frozen_layers": 0, "gate_layer": 1, "negative_templates": templates}
+    patch = tiny_edit(model, gate_key="query", gate_threshold="calibrated", **hp)
+    (gate,) = patch.gates
+    others = [t.format(subject=TINY["subject"]) for t in templates]
+    highest = peak_cosines(model, tok, [gate], others).max().item()
+    expected = min(max(highest + CALIBRATION_MARGIN, QUERY_FLOOR), QUERY_CAP)
+    assert gate.threshold == pytest.approx(expected, abs=1e-6)
+    assert QUERY_FLOOR <= gate.threshold <= QUERY_CAP
+    if highest + CALIBRATION_MARGIN <= QUERY_CAP:  # then shut on every one of them
+        assert bool((peak_cosines(model, tok, [gate], others) < gate.threshold).all())
+    # every template asking the edited relation: nothing to calibrate on, the fixed cap
+    alone = tiny_edit(
+        model,
+        gate_key="query",
+        gate_threshold="calibrated",
+        **{**hp, "negative_templates": ("alpha {subject} gamma",)},
+    )
+    assert alone.gates[0].threshold == QUERY_CAP
 
 
 @pytest.mark.parametrize(
