@@ -50,6 +50,19 @@ def logits(model, ids, **kwargs) -> torch.Tensor:
 IDS = torch.tensor([[5, 17, 33, 8, 91, 44, 12, 70, 3, 27]])
 
 
+def full_and_stepped(model, patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of IDS with ``patch`` applied: one full pass, and one token per KV-cache step
+    (each [1, T, vocab])."""
+    with neuronpatch.applied(model, patch), torch.no_grad():
+        full = model(input_ids=IDS).logits
+        cache, steps = None, []
+        for t in range(IDS.shape[1]):
+            out = model(input_ids=IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    return full, torch.stack(steps, dim=1)
+
+
 def open_reference(model, patch: Patch, ids: torch.Tensor, open_at: list[int]) -> torch.Tensor:
     """Logits with ``patch``'s rows added only at the positions ``open_at``, by plain hooks."""
     arch = neuronpatch.arch.resolve(model)
@@ -372,14 +385,8 @@ def test_a_gate_may_require_a_gate_of_its_own_layer():
 def test_same_layer_conjunctions_step_through_a_kv_cache_as_one_pass(span):
     model = build_tiny("llama")
     patch = three_gates(model, subject_at=2, wording_at=6, query_at=6, span=span)
-    with neuronpatch.applied(model, patch), torch.no_grad():
-        full = model(input_ids=IDS).logits  # [1, T, vocab]
-        cache, steps = None, []
-        for t in range(IDS.shape[1]):
-            out = model(input_ids=IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[:, -1])
-    assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-4)
+    full, stepped = full_and_stepped(model, patch)
+    assert torch.allclose(stepped, full, atol=1e-4)
     assert not torch.allclose(full, logits(model, IDS), atol=1e-4)
 
 
@@ -472,14 +479,8 @@ def test_kv_cached_steps_equal_a_full_pass_even_when_the_query_matches_first(spa
     subject, query = patch.gates
     query = Gate(query.layer, query.key, query.centre, query.threshold, "query", 0, span)
     patch = Patch(patch.layers, patch.base, gates=(subject, query), method="test")
-    with neuronpatch.applied(model, patch), torch.no_grad():
-        full = model(input_ids=IDS).logits  # [1, T, vocab]
-        cache, steps = None, []
-        for t in range(IDS.shape[1]):
-            out = model(input_ids=IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[:, -1])
-    assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-4)
+    full, stepped = full_and_stepped(model, patch)
+    assert torch.allclose(stepped, full, atol=1e-4)
     base = logits(model, IDS)
     assert torch.equal(full[:, :6], base[:, :6])
     assert torch.allclose(full, base, atol=1e-6) == (span == 2)
