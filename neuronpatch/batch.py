@@ -41,6 +41,7 @@ from .editor import (
     check_batch_size,
     chunk_size,
     edit_each,
+    hparams_for,
     make_hparams,
 )
 from .errors import NeuronpatchError, PatchFileError
@@ -234,7 +235,8 @@ def run_batch(
         else make_hparams(method, hparams)
     )
     check_batch_size(batch_size, error=BatchError)
-    wanted_hparams = json.loads(json.dumps(asdict(hp)))
+    # compared with what finished patches record: "auto" settings resolved for this model
+    wanted_hparams = json.loads(json.dumps(asdict(hparams_for(model, hp))))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_failures(out)

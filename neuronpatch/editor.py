@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import fine, kne
+from .arch import resolve
 from .errors import InvalidHparamsError, NeuronpatchError
 from .fine import (
     EditJob,
@@ -70,6 +71,12 @@ def make_hparams(method: str, hparams: Any = None, **overrides: Any) -> Any:
     values = {f.name: getattr(base, f.name) for f in fields(cls)}
     values.update(overrides)
     return cls(**values)
+
+
+def hparams_for(model: nn.Module, hp: Any) -> Any:
+    """``hp`` as an edit of ``model`` uses it: a method's per-model ``"auto"`` settings
+    resolved (``LocalHparams.for_model``); what the patches record in their ``hparams``."""
+    return hp.for_model(resolve(model)) if hasattr(hp, "for_model") else hp
 
 
 def edit(
