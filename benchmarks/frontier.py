@@ -101,7 +101,8 @@ def plot(pts: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 5))
+    # the plots above, each panel's legend (one entry per row of quality.md) below it
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(7.5 * len(PANELS), 11))
     series = sorted({p["series"] for p in pts if p["series"] != "FiNE lr sweep"})
     shapes = "osD^v<>pPX*h8"
     markers = {
@@ -146,7 +147,7 @@ def plot(pts: list[dict], path: Path) -> None:
         ax.set_xlim(0, 101)
         ax.set_ylim(0, 101)
         ax.set_title(panel)
-        ax.legend(fontsize=6, loc="lower left")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1)
     fig.suptitle("Edit success against locality (target: above and right of the dashed lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
