@@ -422,8 +422,9 @@ def make_gates(
 
     A gate's key is the residual (centred on generic text) at its layer of the subject's
     last token (``"subject"``) or of the prompt's last token (``"query"``)."""
-    hp = hp.for_model(resolve(model))
-    layer = hp.layer_of_gate(resolve(model).num_layers)
+    arch = resolve(model)
+    hp = hp.for_model(arch)
+    layer = hp.layer_of_gate(arch.num_layers)
     if hp.gate_key == "both":
         specs = [
             ("subject", hp.subject_layer, hp.subject_threshold),
@@ -492,8 +493,16 @@ def calibrated_threshold(
     ]
     if not texts:
         return CALIBRATION_FLOOR
+    return _above(model, tokenizer, gate, texts, CALIBRATION_FLOOR, MAX_CALIBRATED)
+
+
+def _above(
+    model: nn.Module, tokenizer, gate: Gate, texts: Sequence[str], floor: float, cap: float
+) -> float:
+    """The highest cosine ``gate`` reaches on ``texts`` plus ``CALIBRATION_MARGIN``, kept
+    within [floor, cap]: a threshold that shuts the gate on every one of them (below the cap)."""
     highest = peak_cosines(model, tokenizer, [gate], texts).max().item()
-    return min(max(highest + CALIBRATION_MARGIN, CALIBRATION_FLOOR), MAX_CALIBRATED)
+    return min(max(highest + CALIBRATION_MARGIN, floor), cap)
 
 
 def calibrated_query_threshold(
@@ -511,8 +520,7 @@ def calibrated_query_threshold(
     texts = negative_prompts(request, hp.negative_templates)
     if not texts:
         return QUERY_CAP
-    highest = peak_cosines(model, tokenizer, [gate], texts).max().item()
-    return min(max(highest + CALIBRATION_MARGIN, QUERY_FLOOR), QUERY_CAP)
+    return _above(model, tokenizer, gate, texts, QUERY_FLOOR, QUERY_CAP)
 
 
 def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:

@@ -34,7 +34,8 @@ from .errors import (
 )
 
 FORMAT_NAME = "neuronpatch"
-# 3 only where a gate has a span, 2 for other gated patches, 1 for ungated ones
+# 4 only where a gate requires one of its own layer, 3 where a gate has a span, 2 for other
+# gated patches, 1 for ungated ones
 FORMAT_VERSION = 4
 SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 _GATED_VERSIONS = ("2", "3", "4")
@@ -601,13 +602,7 @@ def _read_gates(
             raise CorruptPatchError(f"{source}: gate {g} span must be an integer")
         gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires, span))
     if version in ("2", "3"):
-        same = [
-            g
-            for g, gate in enumerate(gates)
-            if gate.requires is not None
-            and 0 <= gate.requires < g
-            and gates[gate.requires].layer == gate.layer
-        ]
+        same = _same_layer_requirers(gates)
         if same:
             raise CorruptPatchError(
                 f"{source}: gate {same[0]} requires a gate of its own layer, which format "
@@ -628,19 +623,20 @@ def _gate_spec(gate: Gate) -> dict[str, Any]:
     return spec
 
 
-def _same_layer_requires(gates: Sequence[Gate]) -> bool:
-    """Whether some gate requires a gate of its own layer (format version 4)."""
-    return any(
-        g.requires is not None
-        and 0 <= g.requires < len(gates)
-        and gates[g.requires].layer == g.layer
-        for g in gates
-    )
+def _same_layer_requirers(gates: Sequence[Gate]) -> list[int]:
+    """The gates that require an earlier gate of their own layer (format version 4)."""
+    return [
+        g
+        for g, gate in enumerate(gates)
+        if gate.requires is not None
+        and 0 <= gate.requires < g
+        and gates[gate.requires].layer == gate.layer
+    ]
 
 
 def _version_of(gates: tuple[Gate, ...]) -> str:
     """The oldest format version that holds ``gates`` (older files keep their bytes)."""
-    if _same_layer_requires(gates):
+    if _same_layer_requirers(gates):
         return "4"
     if any(g.span is not None for g in gates):
         return "3"

@@ -40,7 +40,7 @@ def _edit(model, requests, method, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random models may not reach p > 0.9 in 6 steps
         return neuronpatch.edit(
-            model, TinyTokenizer(), requests, method=method, **HPARAMS[method], **kwargs
+            model, TinyTokenizer(), requests, method=method, **{**HPARAMS[method], **kwargs}
         )
 
 
@@ -87,18 +87,11 @@ def test_batched_edits_behind_a_chain_of_three_gates_equal_single_edits():
         "wording_layer": 0,
         "wording_threshold": 0.5,
     }
-    hp = {**HPARAMS["local"], **chain}
-
-    def _edit(model, requests, method, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return neuronpatch.edit(model, TinyTokenizer(), requests, method=method, **hp, **kwargs)
-
-    alone = [_edit(model, r, "local") for r in REQUESTS]
+    alone = [_edit(model, r, "local", **chain) for r in REQUESTS]
     assert all(
         [(g.layer, g.requires) for g in p.gates] == [(0, None), (0, 0), (1, 1)] for p in alone
     )
-    batched = _edit(model, REQUESTS, "local", batch_size=2)
+    batched = _edit(model, REQUESTS, "local", batch_size=2, **chain)
     for b, a in zip(batched, alone, strict=True):
         _assert_close(b, a, atol=1e-5)
 
