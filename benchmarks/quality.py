@@ -125,6 +125,16 @@ VARIANTS = {
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated"},
     ),
+    # the subject threshold calibrated with a smaller margin over its calibration prompts
+    # (gate-only: benchmarks/results/gate_chain_*.md); measured, not taken (README)
+    "local: default + calibrated query threshold + subject margin 0": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "subject_margin": 0.0},
+    ),
+    "local: default + calibrated query threshold + subject margin 0.005": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "subject_margin": 0.005},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }
@@ -234,7 +244,12 @@ def _command(
     cmd += ["--edit-batch-size", str(edit_batch_size)] if edit_batch_size > 1 else []
     method, overrides = VARIANTS[variant]
     if method == "local":  # rows measured before the per-model defaults ("auto") keep none
-        overrides = {"wording_layer": None, "gate_threshold": None, **overrides}
+        overrides = {
+            "wording_layer": None,
+            "gate_threshold": None,
+            "subject_margin": 0.02,
+            **overrides,
+        }
     cmd += ["--method", method]
     for key, value in overrides.items():
         cmd += ["--hparam", f"{key}={json.dumps(value)}"]

@@ -31,7 +31,7 @@ switchable in ``LocalHparams`` so its effect can be measured:
      By default the subject gate reads layer 4 with ``subject_threshold="calibrated"``: per
      edit, the highest cosine the prompt reaches with each of ``OTHER_SUBJECTS`` and of the
      ``calibration_neighbours`` (8) whole words nearest the subject's last word in the input
-     embeddings in the subject's place, plus ``CALIBRATION_MARGIN`` (0.02), and at least
+     embeddings in the subject's place, plus ``subject_margin`` (0.02), and at least
      0.3. The list alone lets same-kind entities in ("The currency of China is the" opens an
      edit of Japan's at 0.653 over 0.621; "The chemical symbol for silver is" one of gold's);
      the neighbours (" China", " Korea" ...; " silver" ...) raise those thresholds to 0.702 /
@@ -152,7 +152,9 @@ CALIBRATION_FLOOR = 0.3  # a calibrated subject threshold is never lower than th
 MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 1)
 CALIBRATION_MARGIN = 0.02  # above the highest calibration cosine (see calibrated_threshold)
 AUTO = "auto"  # gate_threshold / wording_layer: as measured for this model (MEASURED)
-# a calibrated query threshold lies between these (see calibrated_query_threshold)
+QUERY_THRESHOLD = 0.9  # a query gate's fixed threshold
+# a calibrated query threshold is never lower than this, nor higher than ``query_cap``
+# (QUERY_CAP by default; see calibrated_query_threshold)
 QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # (model_type, layers, hidden size) -> what "auto" means for that model, where measured to
 # help (README, "Edits that stay local"); other models: a fixed query threshold, no wording
@@ -161,7 +163,9 @@ QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # relations there (gate-only, held-out records: 2.7 -> 11 % of RSA prompts). smollm2-135m:
 # the query threshold calibrated per edit (gate-only on 200 held-out records: 87.6 -> 90.7 %
 # of alias prompts open, RSA and FA prompts unchanged); its best wording layer (2, at 0.95)
-# would cost aliases more than it gains.
+# would cost aliases more than it gains. A smaller subject margin (0.005) was measured and
+# not taken: SAA 91.9 -> 92.5 on WikiData_cf, but it opens neighbourhood prompts
+# ("The mother tongue of Angela Merkel is" for Danielle Darrieux's; README).
 MEASURED: dict[tuple[str, int, int], dict[str, Any]] = {
     ("gemma3_text", 18, 640): {"wording_layer": 4},
     ("llama", 30, 576): {"gate_threshold": CALIBRATED},
@@ -200,6 +204,12 @@ class LocalHparams(FineHparams):
     # ("auto": the layer MEASURED for this model, else none)
     wording_layer: int | str | None = AUTO
     wording_threshold: float = 0.88
+    # gate_threshold="calibrated": the highest threshold calibration may set. Higher shuts
+    # more Forgetfulness prompts and some aliases (README, "Edits that stay local")
+    query_cap: float = QUERY_CAP
+    # subject_threshold="calibrated": how far above the highest calibration cosine. Lower
+    # opens more aliases and more same-kind neighbours (README, "Edits that stay local")
+    subject_margin: float = CALIBRATION_MARGIN
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
@@ -227,6 +237,15 @@ class LocalHparams(FineHparams):
                 )
             if value is not None and not -1.0 < value < 1.0:
                 raise InvalidHparamsError(f"{name} must lie strictly between -1 and 1, got {value}")
+        cap = self.query_cap
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not QUERY_FLOOR <= cap < 1:
+            raise InvalidHparamsError(
+                f"query_cap must be a number in [{QUERY_FLOOR}, 1) (the calibrated query "
+                f"threshold's floor and 1), got {cap!r}"
+            )
+        margin = self.subject_margin
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise InvalidHparamsError(f"subject_margin must be a number in [0, 1), got {margin!r}")
         span = self.query_span
         if (
             span != TARGET_SPAN
@@ -263,7 +282,7 @@ class LocalHparams(FineHparams):
         ``"calibrated"`` (set per edit)."""
         if self.gate_threshold not in (None, AUTO):
             return self.gate_threshold
-        return 0.75 if self.gate_key == "subject" else QUERY_CAP
+        return 0.75 if self.gate_key == "subject" else QUERY_THRESHOLD
 
     def for_model(self, arch: ModelArch) -> LocalHparams:
         """These hyperparameters with every ``"auto"`` resolved for ``arch`` as ``MEASURED``
@@ -463,7 +482,9 @@ def make_gates(
         )
         if threshold == CALIBRATED and kind == "subject":
             near = vocabulary_neighbours(model, tokenizer, request, hp.calibration_neighbours)
-            threshold = calibrated_threshold(model, tokenizer, request, gate, near)
+            threshold = calibrated_threshold(
+                model, tokenizer, request, gate, near, hp.subject_margin
+            )
         elif threshold == CALIBRATED:
             threshold = calibrated_query_threshold(model, tokenizer, request, gate, hp)
         gates.append(replace(gate, threshold=threshold))
@@ -471,7 +492,12 @@ def make_gates(
 
 
 def calibrated_threshold(
-    model: nn.Module, tokenizer, request: EditRequest, gate: Gate, extra: Sequence[str] = ()
+    model: nn.Module,
+    tokenizer,
+    request: EditRequest,
+    gate: Gate,
+    extra: Sequence[str] = (),
+    margin: float = CALIBRATION_MARGIN,
 ) -> float:
     """The highest cosine ``gate`` reaches (any position, as the runtime matches) on the
     prompt with each of ``OTHER_SUBJECTS`` (and ``extra``) in the subject's place, plus
@@ -485,7 +511,8 @@ def calibrated_threshold(
     CounterFact records), margins 0 / 0.02 / 0.05 keep the subject gate open on 90.0 / 90.0 /
     83.3 % of alias prompts and shut on 71.7 / 75.0 / 91.7 % of neighbourhood prompts, and
     0.02 shuts "The mother tongue of Angela Merkel is" (0.405) for an edit of Danielle
-    Darrieux's (calibrated at 0.399)."""
+    Darrieux's (calibrated at 0.399). ``LocalHparams.subject_margin`` sets it; smaller ones,
+    measured on more records, are in the README ("Edits that stay local")."""
     texts = [
         request.prompt.replace(request.subject, other)
         for other in (*OTHER_SUBJECTS, *extra)
@@ -493,16 +520,22 @@ def calibrated_threshold(
     ]
     if not texts:
         return CALIBRATION_FLOOR
-    return _above(model, tokenizer, gate, texts, CALIBRATION_FLOOR, MAX_CALIBRATED)
+    return _above(model, tokenizer, gate, texts, CALIBRATION_FLOOR, MAX_CALIBRATED, margin)
 
 
 def _above(
-    model: nn.Module, tokenizer, gate: Gate, texts: Sequence[str], floor: float, cap: float
+    model: nn.Module,
+    tokenizer,
+    gate: Gate,
+    texts: Sequence[str],
+    floor: float,
+    cap: float,
+    margin: float = CALIBRATION_MARGIN,
 ) -> float:
-    """The highest cosine ``gate`` reaches on ``texts`` plus ``CALIBRATION_MARGIN``, kept
-    within [floor, cap]: a threshold that shuts the gate on every one of them (below the cap)."""
+    """The highest cosine ``gate`` reaches on ``texts`` plus ``margin``, kept within
+    [floor, cap]: a threshold that shuts the gate on every one of them (below the cap)."""
     highest = peak_cosines(model, tokenizer, [gate], texts).max().item()
-    return min(max(highest + CALIBRATION_MARGIN, floor), cap)
+    return min(max(highest + margin, floor), cap)
 
 
 def calibrated_query_threshold(
@@ -519,8 +552,8 @@ def calibrated_query_threshold(
     before). With no other relation to ask (every template names the edited one): 0.9."""
     texts = negative_prompts(request, hp.negative_templates)
     if not texts:
-        return QUERY_CAP
-    return _above(model, tokenizer, gate, texts, QUERY_FLOOR, QUERY_CAP)
+        return QUERY_THRESHOLD
+    return _above(model, tokenizer, gate, texts, QUERY_FLOOR, hp.query_cap)
 
 
 def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:

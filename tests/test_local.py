@@ -20,6 +20,7 @@ from neuronpatch.local import (
     CALIBRATION_MARGIN,
     MAX_CALIBRATED,
     OTHER_SUBJECTS,
+    QUERY_CAP,
     LocalHparams,
     _gate_fn,
     _residual,
@@ -104,6 +105,12 @@ def test_without_gate_the_patch_is_plain():
             "gate_key='subject' has none",
         ),
         ({"wording_threshold": 1.0}, "wording_threshold must lie strictly between"),
+        ({"query_cap": 0.8}, r"query_cap must be a number in \[0.85, 1\)"),
+        ({"query_cap": 1.0}, r"query_cap must be a number in \[0.85, 1\)"),
+        ({"query_cap": "auto"}, r"query_cap must be a number in \[0.85, 1\)"),
+        ({"subject_margin": -0.01}, r"subject_margin must be a number in \[0, 1\)"),
+        ({"subject_margin": True}, r"subject_margin must be a number in \[0, 1\)"),
+        ({"subject_margin": "auto"}, r"subject_margin must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
@@ -392,32 +399,35 @@ def test_auto_wording_layer_is_the_one_measured_for_the_model():
     patch = tiny_edit(build_tiny("llama"), gate_key="query", frozen_layers=0, gate_layer=1)
     assert patch.hparams["wording_layer"] is None and len(patch.gates) == 1
     assert patch.hparams["gate_threshold"] is None and patch.gates[0].threshold == 0.9
+    assert patch.hparams["subject_margin"] == CALIBRATION_MARGIN
 
 
-def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(monkeypatch):
-    from neuronpatch.local import QUERY_CAP, QUERY_FLOOR, peak_cosines
+@pytest.mark.parametrize("cap", [QUERY_CAP, 0.99])
+def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(monkeypatch, cap):
+    from neuronpatch.local import QUERY_FLOOR, QUERY_THRESHOLD, peak_cosines
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model, tok = build_tiny("llama"), TinyTokenizer()
     templates = ("{subject} one", "two {subject} three", "four five {subject}")
-    hp = {"frozen_layers": 0, "gate_layer": 1, "negative_templates": templates}
+    hp = {"frozen_layers": 0, "gate_layer": 1, "negative_templates": templates, "query_cap": cap}
     patch = tiny_edit(model, gate_key="query", gate_threshold="calibrated", **hp)
     (gate,) = patch.gates
     others = [t.format(subject=TINY["subject"]) for t in templates]
     highest = peak_cosines(model, tok, [gate], others).max().item()
-    expected = min(max(highest + CALIBRATION_MARGIN, QUERY_FLOOR), QUERY_CAP)
+    expected = min(max(highest + CALIBRATION_MARGIN, QUERY_FLOOR), cap)
     assert gate.threshold == pytest.approx(expected, abs=1e-6)
-    assert QUERY_FLOOR <= gate.threshold <= QUERY_CAP
-    if highest + CALIBRATION_MARGIN <= QUERY_CAP:  # then shut on every one of them
+    assert QUERY_FLOOR <= gate.threshold <= cap
+    assert patch.hparams["query_cap"] == cap
+    if highest + CALIBRATION_MARGIN <= cap:  # then shut on every one of them
         assert bool((peak_cosines(model, tok, [gate], others) < gate.threshold).all())
-    # every template asking the edited relation: nothing to calibrate on, the fixed cap
+    # every template asking the edited relation: nothing to calibrate on, the fixed threshold
     alone = tiny_edit(
         model,
         gate_key="query",
         gate_threshold="calibrated",
         **{**hp, "negative_templates": ("alpha {subject} gamma",)},
     )
-    assert alone.gates[0].threshold == QUERY_CAP
+    assert alone.gates[0].threshold == QUERY_THRESHOLD
 
 
 @pytest.mark.parametrize(
@@ -461,11 +471,18 @@ def test_both_gates_need_a_query_layer_above_the_subject_key():
         tiny_edit(build_tiny("llama"), gate_key="both")
 
 
-def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypatch):
+@pytest.mark.parametrize("margin", [CALIBRATION_MARGIN, 0.005, 0.1])
+def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypatch, margin):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model, tok = build_tiny("llama"), TinyTokenizer()
     hp = {"gate_key": "both", "subject_layer": 0, "gate_layer": 1, "frozen_layers": 0}
-    patch = tiny_edit(model, subject_threshold="calibrated", calibration_neighbours=0, **hp)
+    patch = tiny_edit(
+        model,
+        subject_threshold="calibrated",
+        calibration_neighbours=0,
+        subject_margin=margin,
+        **hp,
+    )
     subject, query = patch.gates
     assert (subject.kind, subject.layer, query.requires) == ("subject", 0, 0)
 
@@ -476,8 +493,9 @@ def test_calibrated_subject_threshold_shuts_the_gate_on_other_subjects(monkeypat
     others = [TINY["prompt"].replace("beta", other) for other in OTHER_SUBJECTS]
     highest = max(cosines(text).max().item() for text in others)
     # just above the highest (the calibration prompts ran as one padded batch)
-    expected = min(max(highest + CALIBRATION_MARGIN, CALIBRATION_FLOOR), MAX_CALIBRATED)
+    expected = min(max(highest + margin, CALIBRATION_FLOOR), MAX_CALIBRATED)
     assert subject.threshold == pytest.approx(expected, abs=1e-6)
+    assert patch.hparams["subject_margin"] == margin
     bank = GateBank([subject], torch.device("cpu"))
     for text in others:  # every calibration prompt keeps the subject gate shut
         h = _residual(model, torch.tensor([tok(text).input_ids]), 0)
