@@ -135,6 +135,11 @@ VARIANTS = {
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "subject_margin": 0.005},
     ),
+    # the calibrated query threshold allowed up to 0.92 (gate-only: gate_chain_*.md)
+    "local: default + calibrated query threshold capped at 0.92": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "query_cap": 0.92},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

@@ -1,0 +1,230 @@
+"""Which gate of the default chain shuts which prompts, and what two of its settings change.
+
+Gate-only, on the unedited model: for each record, the default method's gates are built as an
+edit builds them (``local.make_gates`` with ``LocalHparams()`` resolved for the model, so the
+calibrated thresholds are the ones a patch would store), and each evaluation prompt is checked
+at its last position with the runtime's arithmetic (``gates.GateBank``): a subject gate is
+open there if any position matched, a query gate if one of the last ``span`` positions did.
+Reported per setting: % of prompts where the chain is **open** on subject-alias (SAA), ZsRE
+rephrase / CounterFact paraphrase prompts, and **shut** on relation-specificity (RSA),
+forgetfulness (FA), ZsRE locality and CounterFact neighbourhood prompts; and for the default,
+which gate shuts the alias prompts that stay shut. Settings: the default; the calibrated
+subject threshold's margin (``subject_margin``) at 0 and 0.02; the calibrated query threshold's
+cap (``query_cap``) at 0.92 (models whose default calibrates the query threshold).
+
+    python benchmarks/gate_chain.py --model smollm2-135m --start 0 --stop 300
+    python benchmarks/gate_chain.py --model smollm2-135m --start 300 --stop 500 --datasets wiki_cf
+    python benchmarks/gate_chain.py --model gemma3-270m --hparam subject_layer=6   # a variant
+
+Per-record cosines go to ``--work`` (JSONL per dataset, resumable); the summary to ``--out``
+.json / .md (default ``benchmarks/results/gate_chain_MODEL_START-STOP``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import neuronpatch
+from neuronpatch.arch import resolve
+from neuronpatch.cli import _parse_hparams
+from neuronpatch.gates import GateBank
+from neuronpatch.local import (
+    CALIBRATED,
+    CALIBRATION_MARGIN,
+    QUERY_FLOOR,
+    LocalHparams,
+    calibrated_threshold,
+    make_gates,
+    negative_prompts,
+    peak_cosines,
+    shared_centres,
+    vocabulary_neighbours,
+)
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+FILES = {
+    "wiki_cf": "knowedit_wiki_counterfact_train_cf.json",
+    "zsre": "knowedit_zsre_ZsRE-test-all.json",
+    "counterfact": "easyedit_counterfact_counterfact-val.json",
+}
+# (group, KnowEdit section, should the chain open?)
+GROUPS = (
+    ("SAA", "Subject_Aliasing", True),
+    ("rephrase", "rephrase", True),
+    ("RSA", "Relation_Specificity", False),
+    ("FA", "Forgetfulness", False),
+    ("neighbour", "Neighborhood", False),
+)
+MARGINS = (0.0, 0.02)
+
+
+@torch.no_grad()
+def measure(model, tokenizer, record, hp: LocalHparams) -> dict:
+    """The chain's thresholds (and the alternatives) and each prompt's cosine per gate."""
+    request = record.request
+    gates = make_gates(model, tokenizer, request, hp)
+    row: dict = {
+        "kinds": [g.kind for g in gates],
+        "layers": [g.layer for g in gates],
+        "thresholds": [g.threshold for g in gates],
+    }
+    subject = next((i for i, g in enumerate(gates) if g.kind == "subject"), None)
+    if subject is not None and hp.subject_threshold == CALIBRATED:
+        near = vocabulary_neighbours(model, tokenizer, request, hp.calibration_neighbours)
+        row["subject_thresholds"] = {
+            str(m): calibrated_threshold(model, tokenizer, request, gates[subject], near, m)
+            for m in MARGINS
+        }
+    query = max(range(len(gates)), key=lambda i: gates[i].layer)  # the middle-layer gate
+    negatives = negative_prompts(request, hp.negative_templates)
+    if hp.gate_threshold == CALIBRATED and negatives:
+        row["query_highest"] = (
+            peak_cosines(model, tokenizer, [gates[query]], negatives).max().item()
+        )
+    sections = {"rephrase": list(record.rephrase)}
+    for key, pairs in {**record.portability, **record.locality}.items():
+        sections[key] = [p for p, _ in pairs]
+    row["cosines"] = {}
+    for group, section, _ in GROUPS:
+        prompts = sections.get(section, [])
+        row["cosines"][group] = [_last_cosines(model, tokenizer, gates, p) for p in prompts]
+    return row
+
+
+def _last_cosines(model, tokenizer, gates, prompt: str) -> list[float]:
+    """Per gate, the highest cosine among the positions that keep it open at the last one."""
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    states = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    out = []
+    for gate in gates:
+        cos = GateBank([gate], torch.device("cpu")).cosine(states[gate.layer + 1].float())
+        reach = cos.shape[1] if gate.span is None else int(gate.span)
+        out.append(cos[0, -reach:, 0].max().item())
+    return out
+
+
+def settings(rows: list[dict]) -> dict[str, list[list[float]]]:
+    """Per setting, each record's thresholds."""
+    out: dict[str, list[list[float]]] = {"default": [r["thresholds"] for r in rows]}
+    if all("subject_thresholds" in r for r in rows):
+        for m in MARGINS:
+            out[f"subject_margin={m}"] = [
+                [
+                    r["subject_thresholds"][str(m)] if k == "subject" else t
+                    for k, t in zip(r["kinds"], r["thresholds"], strict=True)
+                ]
+                for r in rows
+            ]
+    if any("query_highest" in r for r in rows):
+        out["query_cap=0.92"] = [_capped(r, 0.92) for r in rows]
+    return out
+
+
+def _capped(row: dict, cap: float) -> list[float]:
+    """The chain's thresholds with the calibrated query threshold capped at ``cap``."""
+    thresholds = list(row["thresholds"])
+    if "query_highest" in row:  # the middle-layer query gate is the chain's last
+        highest = row["query_highest"] + CALIBRATION_MARGIN
+        thresholds[-1] = min(max(highest, QUERY_FLOOR), cap)
+    return thresholds
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for name, per_record in settings(rows).items():
+        cells = {}
+        for group, _, should_open in GROUPS:
+            opened = [
+                all(c > t for c, t in zip(cos, thresholds, strict=True))
+                for row, thresholds in zip(rows, per_record, strict=True)
+                for cos in row["cosines"][group]
+            ]
+            if opened:
+                share = sum(opened) / len(opened) if should_open else 1 - sum(opened) / len(opened)
+                cells[group] = {"percent": 100 * share, "n": len(opened)}
+        out[name] = cells
+    blocked: dict[str, int] = {}
+    for row in rows:
+        for cos in row["cosines"]["SAA"]:
+            names = [f"{k}@{n}" for k, n in zip(row["kinds"], row["layers"], strict=True)]
+            shut = [k for k, c, t in zip(names, cos, row["thresholds"], strict=True) if c <= t]
+            if shut:
+                key = " + ".join(shut)
+                blocked[key] = blocked.get(key, 0) + 1
+    out["default"]["SAA shut by"] = blocked
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--stop", type=int, default=300)
+    parser.add_argument("--datasets", nargs="+", choices=list(FILES), default=list(FILES))
+    parser.add_argument("--work", type=Path, default=Path("runs/gate_chain"))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--hparam", action="append", default=[], metavar="K=V", help="LocalHparams override"
+    )
+    args = parser.parse_args()
+    overrides = _parse_hparams(args.hparam)
+    model, tokenizer = neuronpatch.load_model(args.model)
+    model.eval()
+    hp = LocalHparams(**overrides).for_model(resolve(model))
+    tag = f"{args.model.split('-')[0]}_{args.start}-{args.stop}"
+    tag += "".join(f"_{k}{v}" for k, v in overrides.items())
+    summary: dict = {
+        "model": args.model,
+        "records": [args.start, args.stop],
+        "hparams": overrides,
+        "datasets": {},
+    }
+    for dataset in args.datasets:
+        records = neuronpatch.load_records(DATA / FILES[dataset], n=args.stop)[args.start :]
+        path = args.work / f"{tag}_{dataset}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = path.read_text().splitlines() if path.exists() else []
+        with shared_centres(), path.open("a") as f:
+            for record in records[len(done) :]:
+                f.write(json.dumps(measure(model, tokenizer, record, hp)) + "\n")
+                f.flush()
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        summary["datasets"][dataset] = summarise(rows)
+    write(summary, args.out or HERE / "results" / f"gate_chain_{tag}")
+
+
+def write(summary: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        f"# The default gate chain on {summary['model']}, records "
+        f"{summary['records'][0]}-{summary['records'][1] - 1} (gate-only)"
+        + "".join(f", {k}={v}" for k, v in summary.get("hparams", {}).items()),
+        "",
+        "% of prompts where the chain does what it should: **open** on SAA and rephrase/"
+        "paraphrase prompts, **shut** on RSA, FA and neighbourhood prompts (ZsRE's locality "
+        "prompts are its RSA). `benchmarks/gate_chain.py` says how.",
+        "",
+        "| data | setting | SAA open | rephrase open | RSA shut | FA shut | neighbour shut |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset, by_setting in summary["datasets"].items():
+        for name, cells in by_setting.items():
+            row = [
+                f"{cells[g]['percent']:.1f} (n={cells[g]['n']})" if g in cells else ""
+                for g, _, _ in GROUPS
+            ]
+            lines.append(f"| {dataset} | {name} | " + " | ".join(row) + " |")
+    lines += ["", "Alias prompts the default keeps shut, by the gate(s) that shut them:", ""]
+    for dataset, by_setting in summary["datasets"].items():
+        lines.append(f"- {dataset}: {by_setting['default']['SAA shut by'] or 'none'}")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
