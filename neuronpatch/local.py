@@ -434,6 +434,28 @@ def subject_end(tokenizer, prompt: str, subject: str) -> int:
     return len(tokenizer(prompt[:end]).input_ids) - 1
 
 
+def _check_chain(hp: LocalHparams, layer: int) -> None:
+    """Refuse gate settings that make no chain: the query gate (at ``layer``) must read above
+    the subject gate and the wording gate, and a wording gate needs a query gate."""
+    if hp.gate_key == "both" and layer <= hp.subject_layer:
+        raise InvalidHparamsError(
+            f"gate_key='both' reads its subject key at layer {hp.subject_layer}, so its query "
+            f"gate must read a higher layer; got gate_layer={layer}"
+        )
+    if hp.wording_layer is None:
+        return
+    if hp.gate_key == "subject":
+        raise InvalidHparamsError(
+            "wording_layer reads the query key low down, but gate_key='subject' has no "
+            "query gate; use gate_key='both' or 'query', or wording_layer=None"
+        )
+    if hp.wording_layer >= layer:
+        raise InvalidHparamsError(
+            f"wording_layer={hp.wording_layer} must be below the query gate's layer "
+            f"{layer} (the query gate, highest, guards the rows)"
+        )
+
+
 def make_gates(
     model: nn.Module, tokenizer, request: EditRequest, hp: LocalHparams
 ) -> tuple[Gate, ...]:
@@ -444,6 +466,7 @@ def make_gates(
     arch = resolve(model)
     hp = hp.for_model(arch)
     layer = hp.layer_of_gate(arch.num_layers)
+    _check_chain(hp, layer)
     if hp.gate_key == "both":
         specs = [
             ("subject", hp.subject_layer, hp.subject_threshold),
@@ -451,7 +474,7 @@ def make_gates(
         ]
     else:
         specs = [(hp.gate_key, layer, hp.threshold())]
-    if hp.wording_layer is not None and hp.gate_key != "subject":
+    if hp.wording_layer is not None:
         # the query key read again low down; the chain runs up the layers (a subject gate
         # first where both read one layer: the required gate of a layer requires none)
         specs.append(("query", hp.wording_layer, hp.wording_threshold))
@@ -715,22 +738,6 @@ def prepare_local(
             f"{hp.frozen_layers} of {arch.num_layers}; use a lower gate_layer"
         )
     layers = [layer for layer in (hp.layers or range(top)) if layer >= lowest]
-    if hp.gate and hp.gate_key == "both" and gate_layer <= hp.subject_layer:
-        raise InvalidHparamsError(
-            f"gate_key='both' reads its subject key at layer {hp.subject_layer}, so its query "
-            f"gate must read a higher layer; got gate_layer={gate_layer}"
-        )
-    if hp.gate and hp.wording_layer is not None:
-        if hp.gate_key == "subject":
-            raise InvalidHparamsError(
-                "wording_layer reads the query key low down, but gate_key='subject' has no "
-                "query gate; use gate_key='both' or 'query', or wording_layer=None"
-            )
-        if hp.wording_layer >= gate_layer:
-            raise InvalidHparamsError(
-                f"wording_layer={hp.wording_layer} must be below the query gate's layer "
-                f"{gate_layer} (the query gate, highest, guards the rows)"
-            )
     gates = make_gates(model, tokenizer, request, hp) if hp.gate else ()
     return prepare_edit(
         model,

@@ -26,6 +26,7 @@ from neuronpatch.local import (
     _residual,
     generic_centre,
     locate_specific,
+    make_gates,
     negative_prompts,
     subject_end,
     vocabulary_neighbours,
@@ -438,8 +439,12 @@ def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(monk
     ],
 )
 def test_a_wording_gate_needs_a_query_gate_above_it(overrides, message):
+    model = build_tiny("llama")
     with pytest.raises(InvalidHparamsError, match=message):
-        tiny_edit(build_tiny("llama"), **{"frozen_layers": 0, **overrides})
+        tiny_edit(model, **{"frozen_layers": 0, **overrides})
+    # building the gates alone refuses them too (before, make_gates dropped the wording gate)
+    with pytest.raises(InvalidHparamsError, match=message):
+        make_gates(model, TinyTokenizer(), EditRequest.coerce(TINY), LocalHparams(**overrides))
 
 
 @pytest.mark.slow
