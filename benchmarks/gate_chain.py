@@ -8,9 +8,10 @@ open there if any position matched, a query gate if one of the last ``span`` pos
 Reported per setting: % of prompts where the chain is **open** on subject-alias (SAA), ZsRE
 rephrase / CounterFact paraphrase prompts, and **shut** on relation-specificity (RSA),
 forgetfulness (FA), ZsRE locality and CounterFact neighbourhood prompts; and for the default,
-which gate shuts the alias prompts that stay shut. Settings: the default; the calibrated
-subject threshold's margin (``subject_margin``) at 0 and 0.02; the calibrated query threshold's
-cap (``query_cap``) at 0.92 (models whose default calibrates the query threshold).
+which gate shuts the alias and paraphrase prompts that stay shut. Settings: the default; the
+calibrated subject threshold's margin (``subject_margin``) at 0 and 0.02 (``--margins`` for
+others); the calibrated query threshold's cap (``query_cap``) at 0.92 (models whose default
+calibrates the query threshold).
 
     python benchmarks/gate_chain.py --model smollm2-135m --start 0 --stop 300
     python benchmarks/gate_chain.py --model smollm2-135m --start 300 --stop 500 --datasets wiki_cf
@@ -64,7 +65,9 @@ MARGINS = (0.0, 0.02)
 
 
 @torch.no_grad()
-def measure(model, tokenizer, record, hp: LocalHparams) -> dict:
+def measure(
+    model, tokenizer, record, hp: LocalHparams, margins: tuple[float, ...] = MARGINS
+) -> dict:
     """The chain's thresholds (and the alternatives) and each prompt's cosine per gate."""
     request = record.request
     gates = make_gates(model, tokenizer, request, hp)
@@ -78,7 +81,7 @@ def measure(model, tokenizer, record, hp: LocalHparams) -> dict:
         near = vocabulary_neighbours(model, tokenizer, request, hp.calibration_neighbours)
         row["subject_thresholds"] = {
             str(m): calibrated_threshold(model, tokenizer, request, gates[subject], near, m)
-            for m in MARGINS
+            for m in margins
         }
     query = max(range(len(gates)), key=lambda i: gates[i].layer)  # the middle-layer gate
     negatives = negative_prompts(request, hp.negative_templates)
@@ -112,10 +115,11 @@ def settings(rows: list[dict]) -> dict[str, list[list[float]]]:
     """Per setting, each record's thresholds."""
     out: dict[str, list[list[float]]] = {"default": [r["thresholds"] for r in rows]}
     if all("subject_thresholds" in r for r in rows):
-        for m in MARGINS:
-            out[f"subject_margin={m}"] = [
+        common = set.intersection(*(set(r["subject_thresholds"]) for r in rows))
+        for m in sorted(common, key=float):  # the margins every record was measured at
+            out[f"subject_margin={float(m)}"] = [
                 [
-                    r["subject_thresholds"][str(m)] if k == "subject" else t
+                    r["subject_thresholds"][m] if k == "subject" else t
                     for k, t in zip(r["kinds"], r["thresholds"], strict=True)
                 ]
                 for r in rows
@@ -148,15 +152,16 @@ def summarise(rows: list[dict]) -> dict:
                 share = sum(opened) / len(opened) if should_open else 1 - sum(opened) / len(opened)
                 cells[group] = {"percent": 100 * share, "n": len(opened)}
         out[name] = cells
-    blocked: dict[str, int] = {}
-    for row in rows:
-        for cos in row["cosines"]["SAA"]:
+    for group in ("SAA", "rephrase"):
+        blocked: dict[str, int] = {}
+        for row in rows:
             names = [f"{k}@{n}" for k, n in zip(row["kinds"], row["layers"], strict=True)]
-            shut = [k for k, c, t in zip(names, cos, row["thresholds"], strict=True) if c <= t]
-            if shut:
-                key = " + ".join(shut)
-                blocked[key] = blocked.get(key, 0) + 1
-    out["default"]["SAA shut by"] = blocked
+            for cos in row["cosines"][group]:
+                shut = [k for k, c, t in zip(names, cos, row["thresholds"], strict=True) if c <= t]
+                if shut:
+                    key = " + ".join(shut)
+                    blocked[key] = blocked.get(key, 0) + 1
+        out["default"][f"{group} shut by"] = blocked
     return out
 
 
@@ -166,6 +171,13 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=300)
     parser.add_argument("--datasets", nargs="+", choices=list(FILES), default=list(FILES))
+    parser.add_argument(
+        "--margins",
+        type=float,
+        nargs="+",
+        default=list(MARGINS),
+        help="subject margins to compare with the default (default: 0 0.02)",
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/gate_chain"))
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -191,7 +203,9 @@ def main() -> None:
         done = path.read_text().splitlines() if path.exists() else []
         with shared_centres(), path.open("a") as f:
             for record in records[len(done) :]:
-                f.write(json.dumps(measure(model, tokenizer, record, hp)) + "\n")
+                f.write(
+                    json.dumps(measure(model, tokenizer, record, hp, tuple(args.margins))) + "\n"
+                )
                 f.flush()
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         summary["datasets"][dataset] = summarise(rows)
@@ -219,9 +233,11 @@ def write(summary: dict, out: Path) -> None:
                 for g, _, _ in GROUPS
             ]
             lines.append(f"| {dataset} | {name} | " + " | ".join(row) + " |")
-    lines += ["", "Alias prompts the default keeps shut, by the gate(s) that shut them:", ""]
-    for dataset, by_setting in summary["datasets"].items():
-        lines.append(f"- {dataset}: {by_setting['default']['SAA shut by'] or 'none'}")
+    for group, what in (("SAA", "Alias"), ("rephrase", "Rephrase / paraphrase")):
+        lines += ["", f"{what} prompts the default keeps shut, by the gate(s) that shut them:", ""]
+        for dataset, by_setting in summary["datasets"].items():
+            blocked = by_setting["default"].get(f"{group} shut by")
+            lines.append(f"- {dataset}: {blocked or 'none'}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
