@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,18 +199,25 @@ def main() -> None:
     }
     for dataset in args.datasets:
         records = neuronpatch.load_records(DATA / FILES[dataset], n=args.stop)[args.start :]
-        path = args.work / f"{tag}_{dataset}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        done = path.read_text().splitlines() if path.exists() else []
-        with shared_centres(), path.open("a") as f:
-            for record in records[len(done) :]:
-                f.write(
-                    json.dumps(measure(model, tokenizer, record, hp, tuple(args.margins))) + "\n"
-                )
-                f.flush()
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = measured_rows(
+            args.work / f"{tag}_{dataset}.jsonl",
+            records,
+            lambda r: measure(model, tokenizer, r, hp, tuple(args.margins)),
+        )
         summary["datasets"][dataset] = summarise(rows)
     write(summary, args.out or HERE / "results" / f"gate_chain_{tag}")
+
+
+def measured_rows(path: Path, records: list, measure_one: Callable[[object], dict]) -> list[dict]:
+    """``measure_one`` of each record, appended to the JSONL file ``path`` as it goes (a rerun
+    resumes after the rows already there), then every row of the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.read_text().splitlines() if path.exists() else []
+    with shared_centres(), path.open("a") as f:
+        for record in records[len(done) :]:
+            f.write(json.dumps(measure_one(record)) + "\n")
+            f.flush()
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write(summary: dict, out: Path) -> None:
