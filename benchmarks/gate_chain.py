@@ -205,7 +205,20 @@ def main() -> None:
             lambda r: measure(model, tokenizer, r, hp, tuple(args.margins)),
         )
         summary["datasets"][dataset] = summarise(rows)
-    write(summary, args.out or HERE / "results" / f"gate_chain_{tag}")
+    out = args.out or HERE / "results" / f"gate_chain_{tag}"
+    write(keep_other_datasets(summary, out.with_suffix(".json")), out)
+
+
+def keep_other_datasets(summary: dict, path: Path) -> dict:
+    """``summary`` with the datasets an earlier run of the same setting wrote to ``path`` and
+    this one did not measure (a run on one dataset does not erase the others')."""
+    if not path.exists():
+        return summary
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == summary[k] for k in ("model", "records", "hparams"))
+    if not same:
+        return summary
+    return {**summary, "datasets": {**old["datasets"], **summary["datasets"]}}
 
 
 def measured_rows(path: Path, records: list, measure_one: Callable[[object], dict]) -> list[dict]:

@@ -140,6 +140,13 @@ VARIANTS = {
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "query_cap": 0.92},
     ),
+    # the model's default with the middle query gate read one layer higher (gate-only on
+    # gemma3-270m, records 0-299: alias prompts open 91.0 -> 91.3 %, neighbourhood prompts
+    # shut 89.0 -> 90.3 %: benchmarks/results/gate_chain_gemma3_0-300_gate_layer10.md)
+    "local: default + query gate at layer 10": (
+        "local",
+        {**CALIBRATED_WITH_NEIGHBOURS, "gate_layer": 10},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }
