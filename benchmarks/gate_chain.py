@@ -90,14 +90,21 @@ def measure(
         row["query_highest"] = (
             peak_cosines(model, tokenizer, [gates[query]], negatives).max().item()
         )
-    sections = {"rephrase": list(record.rephrase)}
-    for key, pairs in {**record.portability, **record.locality}.items():
-        sections[key] = [p for p, _ in pairs]
+    sections = prompt_sections(record)
     row["cosines"] = {}
     for group, section, _ in GROUPS:
         prompts = sections.get(section, [])
         row["cosines"][group] = [_last_cosines(model, tokenizer, gates, p) for p in prompts]
     return row
+
+
+def prompt_sections(record) -> dict[str, list[str]]:
+    """The record's evaluation prompts by KnowEdit section (``rephrase`` and each portability
+    and locality key)."""
+    sections = {"rephrase": list(record.rephrase)}
+    for key, pairs in {**record.portability, **record.locality}.items():
+        sections[key] = [p for p, _ in pairs]
+    return sections
 
 
 def _last_cosines(model, tokenizer, gates, prompt: str) -> list[float]:

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from gate_chain import DATA, FILES, GROUPS, _last_cosines, measured_rows
+from gate_chain import DATA, FILES, GROUPS, _last_cosines, measured_rows, prompt_sections
 
 import neuronpatch
 from neuronpatch.arch import resolve
@@ -78,9 +78,7 @@ def measure(model, tokenizer, record, hp: LocalHparams) -> dict:
         else [],  # [n, 2]
         "groups": {},
     }
-    sections = {"rephrase": list(record.rephrase)}
-    for key, pairs in {**record.portability, **record.locality}.items():
-        sections[key] = [p for p, _ in pairs]
+    sections = prompt_sections(record)
     chain = [*gates, relation]
     for group, section, _ in GROUPS:
         cells = []

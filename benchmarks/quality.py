@@ -142,7 +142,8 @@ VARIANTS = {
     ),
     # the model's default with the middle query gate read one layer higher (gate-only on
     # gemma3-270m, records 0-299: alias prompts open 91.0 -> 91.3 %, neighbourhood prompts
-    # shut 89.0 -> 90.3 %: benchmarks/results/gate_chain_gemma3_0-300_gate_layer10.md)
+    # shut 89.0 -> 90.3 %; held-out 300-499: alias 91.8 -> 89.7 %, neighbourhood 87.5 -> 90.0 %:
+    # a trade, not taken; benchmarks/results/gate_chain_gemma3_*_gate_layer10.md)
     "local: default + query gate at layer 10": (
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_layer": 10},
