@@ -45,6 +45,15 @@ CALIBRATED_WITH_NEIGHBOURS = {
     "subject_threshold": "calibrated",
     "calibration_neighbours": 8,
 }
+# the library's default for the model: its MEASURED wording gate and query threshold ("auto";
+# on smollm2-135m a calibrated query threshold and no wording gate, on gemma3-270m a wording
+# gate at layer 4 and a fixed query threshold)
+MODEL_DEFAULT = {
+    **CALIBRATED_WITH_NEIGHBOURS,
+    "wording_layer": "auto",
+    "gate_threshold": "auto",
+    "subject_margin": 0.02,
+}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
@@ -123,28 +132,39 @@ VARIANTS = {
     # smollm2-135m this is the default (gate_threshold="auto")
     "local: default + calibrated query threshold": (
         "local",
+        {**MODEL_DEFAULT, "gate_threshold": "calibrated"},
+    ),
+    # the same without gemma3-270m's wording gate (a row first run under the label above,
+    # before "default +" rows kept the model's own wording gate)
+    "local: calibrated query threshold, no wording gate": (
+        "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated"},
     ),
     # the subject threshold calibrated with a smaller margin over its calibration prompts
     # (gate-only: benchmarks/results/gate_chain_*.md); measured, not taken (README)
     "local: default + calibrated query threshold + subject margin 0": (
         "local",
-        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "subject_margin": 0.0},
+        {**MODEL_DEFAULT, "gate_threshold": "calibrated", "subject_margin": 0.0},
     ),
     "local: default + calibrated query threshold + subject margin 0.005": (
         "local",
-        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "subject_margin": 0.005},
+        {**MODEL_DEFAULT, "gate_threshold": "calibrated", "subject_margin": 0.005},
     ),
     # the calibrated query threshold allowed up to 0.92 (gate-only: gate_chain_*.md)
     "local: default + calibrated query threshold capped at 0.92": (
         "local",
-        {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated", "query_cap": 0.92},
+        {**MODEL_DEFAULT, "gate_threshold": "calibrated", "query_cap": 0.92},
     ),
     # the model's default with the middle query gate read one layer higher (gate-only on
     # gemma3-270m, records 0-299: alias prompts open 91.0 -> 91.3 %, neighbourhood prompts
     # shut 89.0 -> 90.3 %; held-out 300-499: alias 91.8 -> 89.7 %, neighbourhood 87.5 -> 90.0 %:
     # a trade, not taken; benchmarks/results/gate_chain_gemma3_*_gate_layer10.md)
     "local: default + query gate at layer 10": (
+        "local",
+        {**MODEL_DEFAULT, "gate_layer": 10},
+    ),
+    # the same without gemma3-270m's wording gate (first run under the label above)
+    "local: query gate at layer 10, no wording gate": (
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_layer": 10},
     ),
