@@ -159,15 +159,17 @@ QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # (model_type, layers, hidden size) -> what "auto" means for that model, where measured to
 # help (README, "Edits that stay local"); other models: a fixed query threshold, no wording
 # gate. gemma3-270m: a wording gate at layer 4 (WikiData_cf FA 59.9 -> 96.3 at n=300, SAA and
-# RSA unchanged); a calibrated query threshold opened its gate on the subject's other
-# relations there (gate-only, held-out records: 2.7 -> 11 % of RSA prompts). smollm2-135m:
+# RSA unchanged) and, with it, the query threshold calibrated per edit (n=300: ZsRE SAA 47.6 ->
+# 58.7 and rephrase 84.4 -> 91.7, WikiData_cf SAA 91.6 -> 92.9, at a cost: RSA 95.0 -> 94.0,
+# CounterFact neighbourhood 89.0 -> 87.7; README); without the wording gate it had opened
+# the query gate on the subject's other relations. smollm2-135m:
 # the query threshold calibrated per edit (gate-only on 200 held-out records: 87.6 -> 90.7 %
 # of alias prompts open, RSA and FA prompts unchanged); its best wording layer (2, at 0.95)
 # would cost aliases more than it gains. A smaller subject margin (0.005) was measured and
 # not taken: SAA 91.9 -> 92.5 on WikiData_cf, but it opens neighbourhood prompts
 # ("The mother tongue of Angela Merkel is" for Danielle Darrieux's; README).
 MEASURED: dict[tuple[str, int, int], dict[str, Any]] = {
-    ("gemma3_text", 18, 640): {"wording_layer": 4},
+    ("gemma3_text", 18, 640): {"wording_layer": 4, "gate_threshold": CALIBRATED},
     ("llama", 30, 576): {"gate_threshold": CALIBRATED},
 }
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}

@@ -351,6 +351,36 @@ def test_subject_and_query_gate_edits_this_question_only(smollm2, both_patches, 
     assert greedy(model, tok, prompt) == before[prompt]
 
 
+@pytest.mark.slow
+def test_gemma3_default_calibrates_its_query_gate_and_answers_a_reworded_question(gemma3):
+    # ZsRE record 179: the rewording reaches 0.859 at the middle query gate, which a fixed
+    # 0.9 threshold would shut; calibrated on the subject's other relations, it is 0.85
+    model, tok = gemma3
+    request = {
+        "prompt": "What is the name of university that educated Lucinda Bruce-Gardyne?",
+        "subject": "Lucinda Bruce-Gardyne",
+        "target_new": "University of Wisconsin-Madison",
+    }
+    rewording = "The college that Lucinda Bruce-Gardyne attended, what was that?"
+    other_relation = "The occupation of Lucinda Bruce-Gardyne is"
+    patch = neuronpatch.edit(model, tok, request)
+    assert patch.metrics["success"] and patch.hparams["gate_threshold"] == "calibrated"
+    chain = [(g.kind, g.layer, g.requires) for g in patch.gates]
+    assert chain == [("subject", 4, None), ("query", 4, 0), ("query", 9, 1)]
+    assert 0.85 <= patch.gates[2].threshold < 0.86
+    ids = torch.tensor([tok(rewording).input_ids])
+    with torch.no_grad():
+        residual = model(input_ids=ids, output_hidden_states=True).hidden_states[10]
+    reach = GateBank([patch.gates[2]], torch.device("cpu")).cosine(residual)[0, -1, 0].item()
+    assert patch.gates[2].threshold < reach < 0.9
+    before = greedy(model, tok, rewording, n=6)
+    base = logits(model, other_relation, tok)
+    assert "Wisconsin" not in before
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, rewording, n=6).strip().startswith("University of Wisconsin")
+        assert torch.equal(logits(model, other_relation, tok), base)  # its gate stays shut
+
+
 def test_a_wording_gate_joins_the_chain_of_gates_below_the_query_gate(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model, tok = build_tiny("llama"), TinyTokenizer()
@@ -384,7 +414,7 @@ def test_auto_wording_layer_is_the_one_measured_for_the_model():
         name: (hp.wording_layer, hp.gate_threshold)
         for name, hp in [(n, default.for_model(a)) for n, a in [("g", gemma), ("s", smollm2)]]
     }
-    assert resolved == {"g": (4, None), "s": (None, "calibrated")}
+    assert resolved == {"g": (4, "calibrated"), "s": (None, "calibrated")}
     assert default.for_model(other).wording_layer is None
     assert default.for_model(other).threshold() == 0.9
     assert LocalHparams(gate_key="query").for_model(gemma).wording_layer == 4
