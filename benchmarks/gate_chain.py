@@ -10,8 +10,8 @@ rephrase / CounterFact paraphrase prompts, and **shut** on relation-specificity 
 forgetfulness (FA), ZsRE locality and CounterFact neighbourhood prompts; and for the default,
 which gate shuts the alias and paraphrase prompts that stay shut. Settings: the default; the
 calibrated subject threshold's margin (``subject_margin``) at 0 and 0.02 (``--margins`` for
-others); the calibrated query threshold's cap (``query_cap``) at 0.92 (models whose default
-calibrates the query threshold).
+others); the calibrated query threshold's cap (``query_cap``) at 0.92 and its floor
+(``query_floor``) at 0.75 (models whose default calibrates the query threshold).
 
     python benchmarks/gate_chain.py --model smollm2-135m --start 0 --stop 300
     python benchmarks/gate_chain.py --model smollm2-135m --start 300 --stop 500 --datasets wiki_cf
@@ -24,8 +24,10 @@ Per-record cosines go to ``--work`` (JSONL per dataset, resumable); the summary 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from neuronpatch.gates import GateBank
 from neuronpatch.local import (
     CALIBRATED,
     CALIBRATION_MARGIN,
+    QUERY_CAP,
     QUERY_FLOOR,
     LocalHparams,
     calibrated_threshold,
@@ -63,6 +66,8 @@ GROUPS = (
     ("neighbour", "Neighborhood", False),
 )
 MARGINS = (0.0, 0.02)
+# the settings whose "auto" value depends on the model (``local.MEASURED``)
+RESOLVED = ("gate_threshold", "gate_layer", "wording_layer")
 
 
 @torch.no_grad()
@@ -133,16 +138,17 @@ def settings(rows: list[dict]) -> dict[str, list[list[float]]]:
                 for r in rows
             ]
     if any("query_highest" in r for r in rows):
-        out["query_cap=0.92"] = [_capped(r, 0.92) for r in rows]
+        out["query_cap=0.92"] = [_calibrated(r, cap=0.92) for r in rows]
+        out["query_floor=0.75"] = [_calibrated(r, floor=0.75) for r in rows]
     return out
 
 
-def _capped(row: dict, cap: float) -> list[float]:
-    """The chain's thresholds with the calibrated query threshold capped at ``cap``."""
+def _calibrated(row: dict, floor: float = QUERY_FLOOR, cap: float = QUERY_CAP) -> list[float]:
+    """The chain's thresholds with the calibrated query threshold kept within [floor, cap]."""
     thresholds = list(row["thresholds"])
     if "query_highest" in row:  # the middle-layer query gate is the chain's last
         highest = row["query_highest"] + CALIBRATION_MARGIN
-        thresholds[-1] = min(max(highest, QUERY_FLOOR), cap)
+        thresholds[-1] = min(max(highest, floor), cap)
     return thresholds
 
 
@@ -202,18 +208,27 @@ def main() -> None:
         "model": args.model,
         "records": [args.start, args.stop],
         "hparams": overrides,
+        # what the model's "auto" settings meant when these rows were measured
+        "resolved": {k: getattr(hp, k) for k in RESOLVED},
         "datasets": {},
     }
     for dataset in args.datasets:
         records = neuronpatch.load_records(DATA / FILES[dataset], n=args.stop)[args.start :]
         rows = measured_rows(
-            args.work / f"{tag}_{dataset}.jsonl",
+            cache_path(args.work, tag, dataset, hp),
             records,
             lambda r: measure(model, tokenizer, r, hp, tuple(args.margins)),
         )
         summary["datasets"][dataset] = summarise(rows)
     out = args.out or HERE / "results" / f"gate_chain_{tag}"
-    write(keep_other_datasets(summary, out.with_suffix(".json")), out)
+    write(keep_other_datasets(summary, _with(out, ".json")), out)
+
+
+def cache_path(work: Path, tag: str, dataset: str, hp: LocalHparams) -> Path:
+    """Where the rows of ``dataset`` go: named by the run's tag and a digest of the resolved
+    hyperparameters, so rows measured under an earlier default are never reused as today's."""
+    digest = hashlib.sha1(json.dumps(asdict(hp), sort_keys=True).encode()).hexdigest()[:8]
+    return work / f"{tag}_{dataset}_{digest}.jsonl"
 
 
 def keep_other_datasets(summary: dict, path: Path) -> dict:
@@ -222,7 +237,7 @@ def keep_other_datasets(summary: dict, path: Path) -> dict:
     if not path.exists():
         return summary
     old = json.loads(path.read_text())
-    same = all(old.get(k) == summary[k] for k in ("model", "records", "hparams"))
+    same = all(old.get(k) == summary[k] for k in ("model", "records", "hparams", "resolved"))
     if not same:
         return summary
     return {**summary, "datasets": {**old["datasets"], **summary["datasets"]}}
@@ -240,12 +255,22 @@ def measured_rows(path: Path, records: list, measure_one: Callable[[object], dic
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _with(out: Path, suffix: str) -> Path:
+    """``out`` with ``suffix`` added (not replacing a "suffix" such as the ".9" of
+    "gate_threshold0.9")."""
+    return out.parent / (out.name + suffix)
+
+
 def write(summary: dict, out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    _with(out, ".json").write_text(json.dumps(summary, indent=1))
     lines = [
         f"# The default gate chain on {summary['model']}, records "
         f"{summary['records'][0]}-{summary['records'][1] - 1} (gate-only)"
         + "".join(f", {k}={v}" for k, v in summary.get("hparams", {}).items()),
+        "",
+        "Resolved for the model: "
+        + ", ".join(f"`{k}={v}`" for k, v in summary.get("resolved", {}).items())
+        + ".",
         "",
         "% of prompts where the chain does what it should: **open** on SAA and rephrase/"
         "paraphrase prompts, **shut** on RSA, FA and neighbourhood prompts (ZsRE's locality "
@@ -266,7 +291,7 @@ def write(summary: dict, out: Path) -> None:
         for dataset, by_setting in summary["datasets"].items():
             blocked = by_setting["default"].get(f"{group} shut by")
             lines.append(f"- {dataset}: {blocked or 'none'}")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _with(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

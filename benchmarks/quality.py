@@ -156,9 +156,10 @@ VARIANTS = {
         {**MODEL_DEFAULT, "gate_threshold": "calibrated", "query_cap": 0.92},
     ),
     # the model's default with the middle query gate read one layer higher (gate-only on
-    # gemma3-270m, records 0-299: alias prompts open 91.0 -> 91.3 %, neighbourhood prompts
-    # shut 89.0 -> 90.3 %; held-out 300-499: alias 91.8 -> 89.7 %, neighbourhood 87.5 -> 90.0 %:
-    # a trade, not taken; benchmarks/results/gate_chain_gemma3_*_gate_layer10.md)
+    # gemma3-270m with a fixed threshold, records 0-299: alias prompts open 91.0 -> 91.3 %,
+    # neighbourhood prompts shut 89.0 -> 90.3 %; held-out 300-499: alias 91.8 -> 89.7 %,
+    # neighbourhood 87.5 -> 90.0 %; ZsRE alias 43.5 -> 7.2 %: not taken;
+    # benchmarks/results/gate_chain_gemma3_*_gate_layer10*.md)
     "local: default + query gate at layer 10": (
         "local",
         {**MODEL_DEFAULT, "gate_layer": 10},
@@ -362,11 +363,13 @@ def collate() -> None:
         "H200 shared by seven evaluations and were stopped by the device-time limit at n=75-90;",
         "the H100 row is the default of its day with fluency on 122-128 records per dataset (pre-",
         "edit fluency on the same records: ZsRE 610.2, WikiData_cf 602.0, CounterFact 613.4).",
-        "FiNE's k is 5 neurons per target token (the `FiNE` row); `k=1/10/20` vary it. Rows",
-        "named `local: default + ...` are today's default on one model: the wording gate on",
-        "gemma3-270m, the calibrated query threshold on smollm2-135m (`wording_layer` /",
-        "`gate_threshold` = 'auto'); the row above them is the default before. Pre-edit rows:",
-        "those of the dataset's first run listed and of its largest.",
+        "FiNE's k is 5 neurons per target token (the `FiNE` row); `k=1/10/20` vary it. Today's",
+        "default on both models is the row `local: default + calibrated query threshold` (on",
+        "gemma3-270m with its wording gate at layer 4; `wording_layer` / `gate_threshold` =",
+        "'auto'); `local: default + wording gate at layer 4, 0.88` is gemma3's default before it",
+        "(fixed query threshold), and the layer-4 whole-word-neighbours row the default before",
+        "either. Other `local: default + X` rows are today's default with X changed. Pre-edit",
+        "rows: those of the dataset's first run listed and of its largest.",
         "Located-neuron histograms per run (the paper's Figure 4): `quality/plots/`.",
         "",
         header,

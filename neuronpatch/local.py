@@ -153,8 +153,8 @@ MAX_CALIBRATED = 0.99  # nor higher than this (a gate threshold must stay below 
 CALIBRATION_MARGIN = 0.02  # above the highest calibration cosine (see calibrated_threshold)
 AUTO = "auto"  # gate_threshold / wording_layer: as measured for this model (MEASURED)
 QUERY_THRESHOLD = 0.9  # a query gate's fixed threshold
-# a calibrated query threshold is never lower than this, nor higher than ``query_cap``
-# (QUERY_CAP by default; see calibrated_query_threshold)
+# a calibrated query threshold is never lower than ``query_floor`` nor higher than
+# ``query_cap`` (QUERY_FLOOR and QUERY_CAP by default; see calibrated_query_threshold)
 QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # (model_type, layers, hidden size) -> what "auto" means for that model, where measured to
 # help (README, "Edits that stay local"); other models: a fixed query threshold, no wording
@@ -209,6 +209,10 @@ class LocalHparams(FineHparams):
     # gate_threshold="calibrated": the highest threshold calibration may set. Higher shuts
     # more Forgetfulness prompts and some aliases (README, "Edits that stay local")
     query_cap: float = QUERY_CAP
+    # gate_threshold="calibrated": the lowest threshold calibration may set. Lower opens more
+    # reworded questions and aliases (ZsRE) and more of the subject's other relations and
+    # of other subjects' same question (README, "Edits that stay local")
+    query_floor: float = QUERY_FLOOR
     # subject_threshold="calibrated": how far above the highest calibration cosine. Lower
     # opens more aliases and more same-kind neighbours (README, "Edits that stay local")
     subject_margin: float = CALIBRATION_MARGIN
@@ -239,11 +243,13 @@ class LocalHparams(FineHparams):
                 )
             if value is not None and not -1.0 < value < 1.0:
                 raise InvalidHparamsError(f"{name} must lie strictly between -1 and 1, got {value}")
-        cap = self.query_cap
-        if isinstance(cap, bool) or not isinstance(cap, int | float) or not QUERY_FLOOR <= cap < 1:
+        floor, cap = self.query_floor, self.query_cap
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 < floor < 1:
+            raise InvalidHparamsError(f"query_floor must be a number in (0, 1), got {floor!r}")
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not floor <= cap < 1:
             raise InvalidHparamsError(
-                f"query_cap must be a number in [{QUERY_FLOOR}, 1) (the calibrated query "
-                f"threshold's floor and 1), got {cap!r}"
+                f"query_cap must be a number in [{floor}, 1) (the calibrated query "
+                f"threshold's floor, query_floor, and 1), got {cap!r}"
             )
         margin = self.subject_margin
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
@@ -568,7 +574,7 @@ def calibrated_query_threshold(
 ) -> float:
     """A query gate's threshold for ``request``: the highest cosine ``gate`` reaches on the
     subject's other relations (``negative_prompts`` of ``hp.negative_templates``) plus
-    ``CALIBRATION_MARGIN``, kept within [``QUERY_FLOOR``, ``QUERY_CAP``] (0.85, 0.9).
+    ``CALIBRATION_MARGIN``, kept within [``hp.query_floor``, ``hp.query_cap``] (0.85, 0.9).
 
     The fixed 0.9 shuts some aliases out ("The occupation of Kraehenb. is" reaches 0.87):
     where the subject's other relations stay well below it, the threshold comes down to meet
@@ -578,7 +584,7 @@ def calibrated_query_threshold(
     texts = negative_prompts(request, hp.negative_templates)
     if not texts:
         return QUERY_THRESHOLD
-    return _above(model, tokenizer, gate, texts, QUERY_FLOOR, hp.query_cap)
+    return _above(model, tokenizer, gate, texts, hp.query_floor, hp.query_cap)
 
 
 def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:

@@ -109,6 +109,9 @@ def test_without_gate_the_patch_is_plain():
         ({"query_cap": 0.8}, r"query_cap must be a number in \[0.85, 1\)"),
         ({"query_cap": 1.0}, r"query_cap must be a number in \[0.85, 1\)"),
         ({"query_cap": "auto"}, r"query_cap must be a number in \[0.85, 1\)"),
+        ({"query_floor": 0.0}, r"query_floor must be a number in \(0, 1\)"),
+        ({"query_floor": "auto"}, r"query_floor must be a number in \(0, 1\)"),
+        ({"query_floor": 0.92}, r"query_cap must be a number in \[0.92, 1\)"),
         ({"subject_margin": -0.01}, r"subject_margin must be a number in \[0, 1\)"),
         ({"subject_margin": True}, r"subject_margin must be a number in \[0, 1\)"),
         ({"subject_margin": "auto"}, r"subject_margin must be a number in \[0, 1\)"),
@@ -433,22 +436,25 @@ def test_auto_wording_layer_is_the_one_measured_for_the_model():
     assert patch.hparams["subject_margin"] == CALIBRATION_MARGIN
 
 
-@pytest.mark.parametrize("cap", [QUERY_CAP, 0.99])
-def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(monkeypatch, cap):
-    from neuronpatch.local import QUERY_FLOOR, QUERY_THRESHOLD, peak_cosines
+@pytest.mark.parametrize("floor, cap", [(0.85, QUERY_CAP), (0.85, 0.99), (0.1, QUERY_CAP)])
+def test_calibrated_query_threshold_sits_above_the_subjects_other_relations(
+    monkeypatch, floor, cap
+):
+    from neuronpatch.local import QUERY_THRESHOLD, peak_cosines
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model, tok = build_tiny("llama"), TinyTokenizer()
     templates = ("{subject} one", "two {subject} three", "four five {subject}")
-    hp = {"frozen_layers": 0, "gate_layer": 1, "negative_templates": templates, "query_cap": cap}
+    hp = {"frozen_layers": 0, "gate_layer": 1, "negative_templates": templates}
+    hp.update(query_cap=cap, query_floor=floor)
     patch = tiny_edit(model, gate_key="query", gate_threshold="calibrated", **hp)
     (gate,) = patch.gates
     others = [t.format(subject=TINY["subject"]) for t in templates]
     highest = peak_cosines(model, tok, [gate], others).max().item()
-    expected = min(max(highest + CALIBRATION_MARGIN, QUERY_FLOOR), cap)
+    expected = min(max(highest + CALIBRATION_MARGIN, floor), cap)
     assert gate.threshold == pytest.approx(expected, abs=1e-6)
-    assert QUERY_FLOOR <= gate.threshold <= cap
-    assert patch.hparams["query_cap"] == cap
+    assert floor <= gate.threshold <= cap
+    assert (patch.hparams["query_cap"], patch.hparams["query_floor"]) == (cap, floor)
     if highest + CALIBRATION_MARGIN <= cap:  # then shut on every one of them
         assert bool((peak_cosines(model, tok, [gate], others) < gate.threshold).all())
     # every template asking the edited relation: nothing to calibrate on, the fixed threshold
