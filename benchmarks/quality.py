@@ -45,9 +45,8 @@ CALIBRATED_WITH_NEIGHBOURS = {
     "subject_threshold": "calibrated",
     "calibration_neighbours": 8,
 }
-# the library's default for the model: its MEASURED wording gate and query threshold ("auto";
-# on smollm2-135m a calibrated query threshold and no wording gate, on gemma3-270m a wording
-# gate at layer 4 and a fixed query threshold)
+# the library's default for the model: its MEASURED wording gate and query threshold ("auto":
+# a calibrated query threshold on both models, and on gemma3-270m a wording gate at layer 4)
 MODEL_DEFAULT = {
     **CALIBRATED_WITH_NEIGHBOURS,
     "wording_layer": "auto",
