@@ -39,8 +39,6 @@ from neuronpatch.gates import GateBank
 from neuronpatch.local import (
     CALIBRATED,
     CALIBRATION_MARGIN,
-    QUERY_CAP,
-    QUERY_FLOOR,
     LocalHparams,
     calibrated_threshold,
     make_gates,
@@ -124,8 +122,8 @@ def _last_cosines(model, tokenizer, gates, prompt: str) -> list[float]:
     return out
 
 
-def settings(rows: list[dict]) -> dict[str, list[list[float]]]:
-    """Per setting, each record's thresholds."""
+def settings(rows: list[dict], hp: LocalHparams) -> dict[str, list[list[float]]]:
+    """Per setting, each record's thresholds (``hp``: the run's, for the bound not varied)."""
     out: dict[str, list[list[float]]] = {"default": [r["thresholds"] for r in rows]}
     if all("subject_thresholds" in r for r in rows):
         common = set.intersection(*(set(r["subject_thresholds"]) for r in rows))
@@ -138,12 +136,12 @@ def settings(rows: list[dict]) -> dict[str, list[list[float]]]:
                 for r in rows
             ]
     if any("query_highest" in r for r in rows):
-        out["query_cap=0.92"] = [_calibrated(r, cap=0.92) for r in rows]
-        out["query_floor=0.75"] = [_calibrated(r, floor=0.75) for r in rows]
+        out["query_cap=0.92"] = [_calibrated(r, hp.query_floor, 0.92) for r in rows]
+        out["query_floor=0.75"] = [_calibrated(r, 0.75, hp.query_cap) for r in rows]
     return out
 
 
-def _calibrated(row: dict, floor: float = QUERY_FLOOR, cap: float = QUERY_CAP) -> list[float]:
+def _calibrated(row: dict, floor: float, cap: float) -> list[float]:
     """The chain's thresholds with the calibrated query threshold kept within [floor, cap]."""
     thresholds = list(row["thresholds"])
     if "query_highest" in row:  # the middle-layer query gate is the chain's last
@@ -152,9 +150,9 @@ def _calibrated(row: dict, floor: float = QUERY_FLOOR, cap: float = QUERY_CAP) -
     return thresholds
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], hp: LocalHparams) -> dict:
     out = {}
-    for name, per_record in settings(rows).items():
+    for name, per_record in settings(rows, hp).items():
         cells = {}
         for group, _, should_open in GROUPS:
             opened = [
@@ -219,7 +217,7 @@ def main() -> None:
             records,
             lambda r: measure(model, tokenizer, r, hp, tuple(args.margins)),
         )
-        summary["datasets"][dataset] = summarise(rows)
+        summary["datasets"][dataset] = summarise(rows, hp)
     out = args.out or HERE / "results" / f"gate_chain_{tag}"
     write(keep_other_datasets(summary, _with(out, ".json")), out)
 

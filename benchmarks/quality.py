@@ -47,12 +47,7 @@ CALIBRATED_WITH_NEIGHBOURS = {
 }
 # the library's default for the model: its MEASURED wording gate and query threshold ("auto":
 # a calibrated query threshold on both models, and on gemma3-270m a wording gate at layer 4)
-MODEL_DEFAULT = {
-    **CALIBRATED_WITH_NEIGHBOURS,
-    "wording_layer": "auto",
-    "gate_threshold": "auto",
-    "subject_margin": 0.02,
-}
+MODEL_DEFAULT = {**CALIBRATED_WITH_NEIGHBOURS, "wording_layer": "auto", "gate_threshold": "auto"}
 VARIANTS = {
     "FiNE": ("fine", {}),
     "FiNE, lr 5e-3": ("fine", {"lr": 0.005}),
