@@ -157,6 +157,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             + ("from the first" if gate.span is None else f"for {gate.span} positions from each")
             + f" position whose residual after layer {gate.layer} has cosine > {gate.threshold}"
             + " with the key"
+            + (f", or wherever gate {' or '.join(map(str, gate.any_of))} is" if gate.any_of else "")
             + ("" if gate.requires is None else f", where gate {gate.requires} is open too")
             + (
                 f" (raised from {original[g]} by stack calibration against "

@@ -65,6 +65,7 @@ def describe(
             {"kind": g.kind, "layer": g.layer, "threshold": g.threshold}
             | ({} if g.requires is None else {"requires": g.requires})
             | ({} if g.span is None else {"span": g.span})
+            | ({"any_of": list(g.any_of)} if g.any_of else {})
             for g in patch.gates
         ],
     }

@@ -34,11 +34,12 @@ from .errors import (
 )
 
 FORMAT_NAME = "neuronpatch"
-# 4 only where a gate requires one of its own layer, 3 where a gate has a span, 2 for other
-# gated patches, 1 for ungated ones
-FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
-_GATED_VERSIONS = ("2", "3", "4")
+# 5 only where a gate has alternatives (``any_of``) or a same-layer requirement chain deeper
+# than one, 4 where a gate requires one of its own layer, 3 where a gate has a span, 2 for
+# other gated patches, 1 for ungated ones
+FORMAT_VERSION = 5
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
+_GATED_VERSIONS = ("2", "3", "4", "5")
 GATE_KINDS = ("subject", "query")  # same run-time semantics; the key's origin differs
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -84,8 +85,9 @@ class Gate:
     ``layer``; a position *matches* when ``cos(h - centre, key) > threshold``; the gate is open
     at every position from the first match of the sequence on (and through later KV-cache
     steps), or with ``span`` = s only at the s positions from each match on (a match at t
-    opens t .. t + s - 1: v3). With ``requires`` = r it is open only where gate r of the same
-    patch is open too.
+    opens t .. t + s - 1: v3). With ``any_of`` = (a, ...) it is also open where any of those
+    earlier gates is open (v5), and with ``requires`` = r only where gate r of the same patch is
+    open too: open = (own match state OR any_of) AND requires.
     """
 
     layer: int
@@ -97,6 +99,8 @@ class Gate:
     requires: int | None = None
     # positions the gate stays open from a match on; None: to the end of the sequence
     span: int | None = None
+    # earlier gates of the same patch whose openness also opens this one (a disjunction, v5)
+    any_of: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("key", "centre"):
@@ -104,11 +108,13 @@ class Gate:
             if not isinstance(value, torch.Tensor):
                 raise GateError(f"gate {name} must be a tensor, got {type(value).__name__}")
             object.__setattr__(self, name, value.detach().to("cpu", torch.float32).contiguous())
+        if not isinstance(self.any_of, tuple):
+            object.__setattr__(self, "any_of", tuple(self.any_of))
 
     def equals(self, other: Gate) -> bool:
         return (
-            (self.kind, self.layer, self.threshold, self.requires, self.span)
-            == (other.kind, other.layer, other.threshold, other.requires, other.span)
+            (self.kind, self.layer, self.threshold, self.requires, self.span, self.any_of)
+            == (other.kind, other.layer, other.threshold, other.requires, other.span, other.any_of)
             and torch.equal(self.key, other.key)
             and torch.equal(self.centre, other.centre)
         )
@@ -525,25 +531,26 @@ def _validate_gate(g: int, gate: Gate, base: BaseModelInfo, where: str) -> None:
 
 
 def _validate_requires(g: int, gate: Gate, gates: tuple[Gate, ...], where: str) -> None:
-    r = gate.requires
-    if r is None:
-        return
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < g:
-        raise GateError(
-            f"{where}: gate {g} requires gate {r}; it must name an earlier gate of the same "
-            f"patch (0..{g - 1})"
-        )
-    required = gates[r]
-    if required.layer > gate.layer or (
-        required.layer == gate.layer and required.requires is not None
-    ):
-        raise GateError(
-            f"{where}: gate {g} (layer {gate.layer}) requires gate {r}, which reads layer "
-            f"{required.layer}"
-            + (" and requires a gate itself" if required.layer == gate.layer else "")
-            + "; the required gate must read a lower layer, or the same layer and require no "
-            "gate (v4), to be known first"
-        )
+    """``requires`` and ``any_of`` name earlier gates of the patch that read no higher layer
+    (the runtime settles a layer's gates in index order, so theirs are known first)."""
+    named = [("requires", gate.requires)] if gate.requires is not None else []
+    if not isinstance(gate.any_of, tuple):
+        raise GateError(f"{where}: gate {g} any_of must be a tuple of gate indices")
+    if len(set(gate.any_of)) != len(gate.any_of):
+        raise GateError(f"{where}: gate {g} any_of names a gate twice: {list(gate.any_of)}")
+    named += [("any_of", a) for a in gate.any_of]
+    for field_name, r in named:
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < g:
+            raise GateError(
+                f"{where}: gate {g} {field_name} names gate {r}; it must name an earlier gate of "
+                f"the same patch (0..{g - 1})"
+            )
+        if gates[r].layer > gate.layer:
+            raise GateError(
+                f"{where}: gate {g} (layer {gate.layer}) {field_name} names gate {r}, which "
+                f"reads layer {gates[r].layer}; it must read the same or a lower layer, to be "
+                "known first"
+            )
 
 
 def _validate_gate_ids(
@@ -592,6 +599,16 @@ def _read_gates(
         requires = spec.get("requires")
         if "requires" in spec and (isinstance(requires, bool) or not isinstance(requires, int)):
             raise CorruptPatchError(f"{source}: gate {g} requires must be a gate index")
+        any_of = spec.get("any_of", [])
+        if "any_of" in spec and version != "5":
+            raise CorruptPatchError(
+                f"{source}: gate {g} has any_of, which format version {version} does not define "
+                "(such gates are written as version 5)"
+            )
+        if not isinstance(any_of, list) or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in any_of
+        ):
+            raise CorruptPatchError(f"{source}: gate {g} any_of must be a list of gate indices")
         span = spec.get("span")
         if "span" in spec and version == "2":
             raise CorruptPatchError(
@@ -600,13 +617,22 @@ def _read_gates(
             )
         if "span" in spec and (isinstance(span, bool) or not isinstance(span, int)):
             raise CorruptPatchError(f"{source}: gate {g} span must be an integer")
-        gates.append(Gate(layer, parts["key"], parts["centre"], threshold, kind, requires, span))
+        gates.append(
+            Gate(layer, parts["key"], parts["centre"], threshold, kind, requires, span, any_of)
+        )
     if version in ("2", "3"):
         same = _same_layer_requirers(gates)
         if same:
             raise CorruptPatchError(
                 f"{source}: gate {same[0]} requires a gate of its own layer, which format "
                 f"version {version} does not define (such gates are written as version 4)"
+            )
+    if version == "4":
+        deep = _deep_same_layer(gates)
+        if deep:
+            raise CorruptPatchError(
+                f"{source}: gate {deep[0]} requires a gate of its own layer that requires one "
+                "itself, which format version 4 does not define (written as version 5)"
             )
     return tuple(gates)
 
@@ -620,6 +646,8 @@ def _gate_spec(gate: Gate) -> dict[str, Any]:
         spec["requires"] = gate.requires
     if gate.span is not None:  # likewise: only version-3 gates carry it
         spec["span"] = gate.span
+    if gate.any_of:  # likewise: only version-5 gates carry it
+        spec["any_of"] = list(gate.any_of)
     return spec
 
 
@@ -634,8 +662,21 @@ def _same_layer_requirers(gates: Sequence[Gate]) -> list[int]:
     ]
 
 
+def _deep_same_layer(gates: Sequence[Gate]) -> list[int]:
+    """The gates that require a gate of their own layer which itself requires a gate of that
+    layer (format version 5: the runtime settles such chains level by level)."""
+    return [
+        g
+        for g in _same_layer_requirers(gates)
+        if gates[gates[g].requires].requires is not None
+        and gates[gates[gates[g].requires].requires].layer == gates[g].layer
+    ]
+
+
 def _version_of(gates: tuple[Gate, ...]) -> str:
     """The oldest format version that holds ``gates`` (older files keep their bytes)."""
+    if any(g.any_of for g in gates) or _deep_same_layer(gates):
+        return "5"
     if _same_layer_requirers(gates):
         return "4"
     if any(g.span is not None for g in gates):
@@ -658,6 +699,8 @@ def _content_hash(patch: Patch) -> str:
             h.update(f"requires|{gate.requires}|".encode())
         if gate.span is not None:
             h.update(f"span|{gate.span}|".encode())
+        if gate.any_of:
+            h.update(f"any_of|{list(gate.any_of)}|".encode())
         h.update(gate.key.numpy().tobytes() + gate.centre.numpy().tobytes())
     return h.hexdigest()[:16]
 

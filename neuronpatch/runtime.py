@@ -63,13 +63,22 @@ class _GatedFold:
 
 
 @dataclass
+class _Level:
+    """Gates of one layer settled together: open = (own OR any alternative) AND required."""
+
+    either: tuple[torch.Tensor, torch.Tensor] | None  # (columns [n], alternatives [n, A])
+    both: tuple[torch.Tensor, torch.Tensor] | None  # (columns [m], required columns [m])
+
+
+@dataclass
 class _GateState:
     """Every applied gate, numbered 0..n-1 in apply order, grouped by the layer it reads."""
 
     banks: dict[int, tuple[GateBank, slice]]  # gate layer -> (its gates, their columns)
     count: int
-    # gate layer -> (columns, required columns): gates open only where a lower gate is open
-    requires: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # gate layer -> its gates that depend on others, level by level (a level depends only on
+    # lower layers and earlier levels): each ``_Level`` ORs in alternatives, then ANDs requires
+    levels: dict[int, list[_Level]] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
     step: dict | None = None  # set by the decoder pre-hook for the forward pass under way
     open: torch.Tensor | None = None  # bool [B, T, count] for the forward pass under way
@@ -415,18 +424,9 @@ def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
     }
     gates = _GateState(banks, len(columns))
     for layer in banks:
-        pairs = [
-            (col, columns[(position, gate.requires)])
-            for (position, g), col in columns.items()
-            if (gate := state.patches[position].gates[g]).layer == layer
-            and gate.requires is not None
-        ]
-        if pairs:
-            cols, required = zip(*sorted(pairs), strict=True)
-            gates.requires[layer] = (
-                torch.tensor(cols, device=device),
-                torch.tensor(required, device=device),
-            )
+        levels = _levels(state, columns, layer, device)
+        if levels:
+            gates.levels[layer] = levels
     decoder = state.arch.decoder
     if decoder is not None:
         gates.hooks.append(
@@ -436,6 +436,52 @@ def _rebuild_gates(state: _State, columns: dict[tuple[int, int], int]) -> None:
         block = state.arch.decoder_layers[layer]
         gates.hooks.append(block.register_forward_hook(_gate_hook(gates, layer, min(banks))))
     state.gates = gates
+
+
+def _levels(
+    state: _State, columns: dict[tuple[int, int], int], layer: int, device: torch.device
+) -> list[_Level]:
+    """The dependent gates of ``layer`` grouped into levels: a gate's level is one above the
+    highest level among the same-layer gates it names (0 if it names only lower layers)."""
+    level: dict[int, int] = {}
+    rows: dict[int, list[tuple[int, list[int], int | None]]] = {}
+    for (position, g), col in sorted(columns.items(), key=lambda item: item[1]):
+        gate = state.patches[position].gates[g]
+        if gate.layer != layer or (gate.requires is None and not gate.any_of):
+            continue
+        named = [*gate.any_of, *([gate.requires] if gate.requires is not None else [])]
+        same = [
+            columns[(position, n)] for n in named if state.patches[position].gates[n].layer == layer
+        ]
+        level[col] = 1 + max((level.get(c, -1) for c in same), default=-1)
+        alternatives = [columns[(position, a)] for a in gate.any_of]
+        required = None if gate.requires is None else columns[(position, gate.requires)]
+        rows.setdefault(level[col], []).append((col, alternatives, required))
+    out = []
+    for depth in sorted(rows):
+        either = [(c, alts) for c, alts, _ in rows[depth] if alts]
+        both = [(c, r) for c, _, r in rows[depth] if r is not None]
+        width = max((len(alts) for _, alts in either), default=0)
+        out.append(
+            _Level(
+                (
+                    torch.tensor([c for c, _ in either], device=device),
+                    # padded with the gate's own column: OR with itself changes nothing
+                    torch.tensor(
+                        [alts + [c] * (width - len(alts)) for c, alts in either], device=device
+                    ),
+                )
+                if either
+                else None,
+                (
+                    torch.tensor([c for c, _ in both], device=device),
+                    torch.tensor([r for _, r in both], device=device),
+                )
+                if both
+                else None,
+            )
+        )
+    return out
 
 
 def _sequence_start(gates: _GateState):
@@ -478,10 +524,13 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int):
         age = bank.ages(h, gates.valid, before)  # [B, T, G]
         gates.carried[:, columns] = age[:, -1]  # raw: requirements are checked per position
         gates.open[..., columns] = age < bank.spans
-        conjunction = gates.requires.get(layer)
-        if conjunction is not None:  # the required gates read lower layers: already known
-            cols, required = conjunction
-            gates.open[..., cols] &= gates.open[..., required]
+        for level in gates.levels.get(layer, ()):  # what they name is settled by now
+            if level.either is not None:
+                cols, alternatives = level.either
+                gates.open[..., cols] |= gates.open[..., alternatives].any(-1)  # [B, T, n]
+            if level.both is not None:
+                cols, required = level.both
+                gates.open[..., cols] &= gates.open[..., required]
 
     return compute_gates
 

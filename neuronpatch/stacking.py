@@ -226,16 +226,19 @@ def _entry(patch: Patch, reference_fp: torch.Tensor | None, gate_map: list[int])
 
 
 def _local_gate(gate: Gate, local: dict[int, int]) -> Gate:
-    """A stacked gate as its input held it: ``requires`` back to the input's numbering."""
-    return gate if gate.requires is None else replace(gate, requires=local[gate.requires])
+    """A stacked gate as its input held it: ``requires`` and ``any_of`` back to the input's
+    numbering."""
+    if gate.requires is not None:
+        gate = replace(gate, requires=local[gate.requires])
+    return replace(gate, any_of=tuple(local[a] for a in gate.any_of)) if gate.any_of else gate
 
 
 def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
     """All gates once each, and per input the stacked index of each of its gates.
 
     An input's own gates always map to distinct stacked gates (even two identical ones), so
-    its gate ids can be told apart again. A gate's ``requires`` (an earlier gate of the same
-    input) is renumbered to the stacked index of that gate.
+    its gate ids can be told apart again. A gate's ``requires`` and ``any_of`` (earlier gates of
+    the same input) are renumbered to the stacked indices of those gates.
     """
     gates: list[Gate] = []
     by_bytes: dict[tuple, list[int]] = {}
@@ -245,6 +248,8 @@ def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
         for gate in part.gates:
             if gate.requires is not None:
                 gate = replace(gate, requires=mapping[gate.requires])
+            if gate.any_of:
+                gate = replace(gate, any_of=tuple(mapping[a] for a in gate.any_of))
             key = (
                 gate.kind,
                 gate.layer,
@@ -253,6 +258,7 @@ def _merge_gates(parts: list[Patch]) -> tuple[list[Gate], list[list[int]]]:
                 gate.centre.numpy().tobytes(),
                 gate.requires,
                 gate.span,
+                gate.any_of,
             )
             candidates = by_bytes.setdefault(key, [])
             hit = next((g for g in candidates if g not in mapping and gates[g].equals(gate)), None)

@@ -1,4 +1,4 @@
-"""Write the gated golden patches under ``patches/golden/`` (format versions 2, 3 and 4).
+"""Write the gated golden patches under ``patches/golden/`` (format versions 2 to 5).
 
     .venv/bin/python patches/make_golden_gated.py           # write the files
     .venv/bin/python patches/make_golden_gated.py --check   # rebuild in memory, compare
@@ -10,6 +10,10 @@ token after layer 15, threshold 0.9) that requires it. In ``-v2-gated`` the quer
 open to the end of the sequence; in ``-v3-gated`` it has a span of 1 (" Rome" is one token).
 ``-v4-gated`` adds a wording gate between them (the prompt's last token after layer 1,
 threshold 0.88, span 1), which requires the subject gate of its own layer (version 4).
+``-v5-gated`` puts the ``-v3-gated`` chain behind a word escape (``strict_margin=0.1``): a word
+gate (" France" after layer 0), the subject gate calibrated on other subjects (lenient), a
+strict copy of it 0.08 higher that is also open wherever the word gate is (``any_of``) and
+requires the lenient one, then the query gate (version 5).
 
 Each ``.expected.json`` records the file's sha256 and, with the patch applied, the top-5
 next-token ids and logits after the prompt, after the prompt continued past the answer
@@ -63,7 +67,7 @@ def build() -> dict[str, tuple[bytes, dict]]:
     source = neuronpatch.Patch.load(SOURCE)
     request = EditRequest.coerce(source.requests[0])
     out = {}
-    for version, span, wording in (("2", None, None), ("3", 1, None), ("4", 1, 1)):
+    for version, span, wording in (("2", None, None), ("3", 1, None), ("4", 1, 1), ("5", 1, None)):
         # the default gates when these files were made: subject gate at layer 1, 0.75
         hp = LocalHparams(
             subject_layer=1,
@@ -72,6 +76,8 @@ def build() -> dict[str, tuple[bytes, dict]]:
             query_span=span,
             wording_layer=wording,
         )
+        if version == "5":  # calibrated, with the word escape
+            hp = replace(hp, subject_threshold="calibrated", strict_margin=0.1)
         gates = make_gates(model, tokenizer, request, hp)
         layers = {
             layer: LayerDelta(

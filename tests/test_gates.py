@@ -325,7 +325,7 @@ def test_required_gates_survive_files_stacks_and_unstacking():
     [
         (1, 1, 0, "must name an earlier gate"),
         (-1, 1, 0, "must name an earlier gate"),
-        (0, 0, 1, "must read a lower layer"),
+        (0, 0, 1, "must read the same or a lower layer"),
     ],
 )
 def test_bad_required_gates_are_refused(requires, layer, first_layer, message):
@@ -417,13 +417,143 @@ def test_same_layer_conjunctions_are_format_version_4_and_round_trip(tmp_path, m
         Patch.load(path)
 
 
-def test_a_same_layer_required_gate_must_require_none_itself():
+def test_a_deeper_same_layer_chain_is_version_5_and_a_version_4_file_may_not_hold_one():
+    from neuronpatch.errors import CorruptPatchError
+
     model = build_tiny("llama")
     subject, wording, query = three_gates(model, 2, 6, 6).gates
-    chained = Gate(0, query.key[: wording.key.shape[0]], wording.centre, 0.5, "query", 1)
+    # a third gate of layer 0 requiring the wording gate, which requires the subject gate
+    chained = Gate(0, wording.key, wording.centre, 0.999, "query", 1)
     patch = three_gates(model, 2, 6, 6)
-    with pytest.raises(GateError, match="requires a gate itself"):
-        Patch(patch.layers, patch.base, gates=(subject, wording, chained))
+    rows = {
+        2: LayerDelta(
+            *[getattr(patch.layers[2], f) for f in ("neuron_indices", "deltas")],
+            torch.full_like(patch.layers[2].neuron_indices, 2),
+        )
+    }
+    deep = Patch(rows, patch.base, gates=(subject, wording, chained), method="test")
+    raw = deep.to_bytes()
+    assert b'"format_version":"5"' in raw[:4096]
+    plain = Patch({2: LayerDelta(rows[2].neuron_indices, rows[2].deltas)}, patch.base)
+    with neuronpatch.applied(model, deep):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=6), atol=1e-5)
+    with pytest.raises(CorruptPatchError, match="version 4 does not define"):
+        Patch.from_bytes(raw.replace(b'"format_version":"5"', b'"format_version":"4"'))
+
+
+# --- alternatives (format v5): a gate also open wherever one of `any_of` is ---------------
+
+NEVER = torch.Generator().manual_seed(7)
+
+
+def escape(model, word_at, lenient_at, strict_at, query_at=None) -> Patch:
+    """The word escape of ``strict_margin`` in miniature: rows of layer 2 behind
+    ``lenient AND (strict OR word)``, then a same-layer query gate (a chain two deep):
+    word (layer 0) | lenient (1) | strict (1, any_of word, requires lenient) | query (1,
+    requires strict). Each gate keyed at the given position of IDS; None: a key that never
+    matches."""
+    h0, h1 = residual(model, IDS, 0)[0], residual(model, IDS, 1)[0]
+    c0, c1 = h0.mean(0), h1.mean(0)
+
+    def key(h, c, at):
+        return h[at] - c if at is not None else torch.randn(h.shape[-1], generator=NEVER)
+
+    word = Gate(0, key(h0, c0, word_at), c0, 0.999)
+    lenient = Gate(1, key(h1, c1, lenient_at), c1, 0.999)
+    strict = Gate(1, key(h1, c1, strict_at), c1, 0.999, requires=1, any_of=(0,))
+    query = Gate(1, key(h1, c1, query_at), c1, 0.999, "query", requires=2)
+    gates = (word, lenient, strict) if query_at is None else (word, lenient, strict, query)
+    ld = make_patch(model, layers=[2], scale=2.0).layers[2]
+    ids = torch.full_like(ld.neuron_indices, len(gates) - 1)
+    rows = {2: LayerDelta(ld.neuron_indices, ld.deltas, ids)}
+    return Patch(rows, make_patch(model).base, gates=gates, method="test")
+
+
+@pytest.mark.parametrize(
+    ("word_at", "lenient_at", "strict_at", "query_at", "first_open"),
+    [
+        (3, 5, None, None, 5),  # a word matched: lenient alone opens it
+        (None, 5, 7, None, 7),  # no word: the strict gate must match
+        (7, 5, 3, None, 5),  # strict matched first: lenient still required
+        (3, 5, None, 8, 8),  # the two-deep same-layer chain: the query gate too
+        (None, 5, None, None, None),  # neither strict nor a word: shut
+        (3, None, 3, None, None),  # no lenient match: shut, whatever else matched
+    ],
+)
+def test_a_gate_is_open_where_its_own_match_or_an_alternative_is(
+    word_at, lenient_at, strict_at, query_at, first_open
+):
+    model = build_tiny("llama")
+    base = logits(model, IDS)
+    patch = escape(model, word_at, lenient_at, strict_at, query_at)
+    ld = patch.layers[2]
+    plain = Patch({2: LayerDelta(ld.neuron_indices, ld.deltas)}, patch.base, method="test")
+    with neuronpatch.applied(model, patch):
+        out = logits(model, IDS)
+    if first_open is None:
+        assert torch.equal(out, base)
+    else:
+        assert torch.allclose(out, masked_reference(model, plain, IDS, first_open), atol=1e-5)
+        assert not torch.allclose(out, base, atol=1e-4)
+    full, stepped = full_and_stepped(model, patch)
+    assert torch.allclose(stepped, full, atol=1e-4)  # one pass or KV steps: the same gates
+
+
+def test_alternatives_are_format_version_5_and_survive_files_stacks_and_unstacking(
+    tmp_path, monkeypatch
+):
+    from neuronpatch.errors import CorruptPatchError
+    from neuronpatch.stacking import stack, unstack
+
+    model = build_tiny("llama")
+    patch = escape(model, 3, 5, None, 8)
+    path = patch.save(tmp_path / "e.safetensors")
+    raw = path.read_bytes()
+    assert b'"format_version":"5"' in raw[:4096] and b"any_of" in raw[:4096]
+    loaded = Patch.load(path)
+    assert loaded.to_bytes() == raw and Patch.from_bytes(patch.to_bytes()).to_bytes() == raw
+    assert [(g.requires, g.any_of) for g in loaded.gates] == [
+        (None, ()),
+        (None, ()),
+        (1, (0,)),
+        (2, ()),
+    ]
+    other = conjunction(model, 3, 8, seed=2)
+    stacked = stack([other, patch])  # renumbered behind the other patch's gates
+    # the word gate is byte-identical to the other patch's subject gate: stored once
+    chain = [(g.layer, g.requires, g.any_of) for g in stacked.gates]
+    assert chain == [(0, None, ()), (1, 0, ()), (1, None, ()), (1, 2, (0,)), (1, 3, ())]
+    with neuronpatch.applied(model, other, patch):
+        expected = logits(model, IDS)
+    with neuronpatch.applied(model, stacked):
+        assert torch.allclose(logits(model, IDS), expected, atol=1e-5)
+    assert [p.to_bytes() for p in unstack(stacked)] == [other.to_bytes(), raw]
+    assert describe(patch)["gates"][2]["any_of"] == [0]
+    # alternatives in a file that says version 4 are corrupt, not ignored
+    with pytest.raises(CorruptPatchError, match="version 4 does not define"):
+        Patch.from_bytes(raw.replace(b'"format_version":"5"', b'"format_version":"4"'))
+    # a reader that knows versions 1-4 refuses the file instead of applying it without its ORs
+    monkeypatch.setattr(neuronpatch.patch, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3, 4))
+    with pytest.raises(FormatVersionError, match="Upgrade neuronpatch"):
+        Patch.load(path)
+
+
+@pytest.mark.parametrize(
+    ("any_of", "layer", "message"),
+    [
+        ((2,), 1, "must name an earlier gate"),
+        ((-1,), 1, "must name an earlier gate"),
+        ((0, 0), 1, "names a gate twice"),
+        ((1,), 0, "must read the same or a lower layer"),
+    ],
+)
+def test_bad_alternatives_are_refused(any_of, layer, message):
+    model = build_tiny("llama")
+    word, lenient, strict = escape(model, 3, 5, None).gates
+    bad = Gate(layer, strict.key, strict.centre, 0.5, any_of=any_of)
+    with pytest.raises(GateError, match=message):
+        Patch(escape(model, 3, 5, None).layers, make_patch(model).base, gates=(word, lenient, bad))
 
 
 # --- spans (format v3): a gate open only for `span` positions from each match -------------
@@ -538,7 +668,7 @@ def test_bad_spans_are_refused(span):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["2", "3", "4"])
+@pytest.mark.parametrize("version", ["2", "3", "4", "5"])
 def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
     import hashlib
     import json
@@ -553,12 +683,21 @@ def test_golden_gated_patch_loads_and_behaves_as_recorded(smollm2, version):
     assert patch.to_bytes() == raw
     assert f'"format_version":"{version}"'.encode() in raw[:8192]
     span = expected["query_span"]
-    wording = [("query", 1, 0, span)] if version == "4" else []  # same layer as its required
-    assert [(g.kind, g.layer, g.requires, g.span) for g in patch.gates] == [
-        ("subject", 1, None, None),
-        *wording,
-        ("query", 15, len(wording), span),
-    ]
+    chain = [(g.kind, g.layer, g.requires, g.span, g.any_of) for g in patch.gates]
+    if version == "5":  # word, lenient, strict (the word gate OR-ed in), query
+        assert chain == [
+            ("subject", 0, None, None, ()),
+            ("subject", 1, None, None, ()),
+            ("subject", 1, 1, None, (0,)),
+            ("query", 15, 2, span, ()),
+        ]
+    else:
+        wording = [("query", 1, 0, span, ())] if version == "4" else []  # same layer
+        assert chain == [
+            ("subject", 1, None, None, ()),
+            *wording,
+            ("query", 15, len(wording), span, ()),
+        ]
     model, tok = smollm2
 
     def top(text):

@@ -346,7 +346,7 @@ def test_model_weights_are_not_a_patch(tmp_path, metadata):
     _refused(path, NotAPatchError, "not a neuronpatch patch")
 
 
-@pytest.mark.parametrize("version", ["5", "0", "1.0", "one", None])
+@pytest.mark.parametrize("version", ["6", "0", "1.0", "one", None])
 def test_unknown_format_version(tmp_path, version):
     meta, tensors = _golden_parts()
     if version is None:
@@ -354,7 +354,7 @@ def test_unknown_format_version(tmp_path, version):
     else:
         meta["format_version"] = version
     path = _write_raw(tmp_path / "edit.safetensors", tensors, meta)
-    _refused(path, FormatVersionError, f"version {version!r}", "reads versions [1, 2, 3, 4]")
+    _refused(path, FormatVersionError, f"version {version!r}", "reads versions [1, 2, 3, 4, 5]")
 
 
 def test_layer_out_of_range(tmp_path):
