@@ -79,8 +79,13 @@ def measure(
         "kinds": [g.kind for g in gates],
         "layers": [g.layer for g in gates],
         "thresholds": [g.threshold for g in gates],
+        "requires": [g.requires for g in gates],
+        "any_of": [list(g.any_of) for g in gates],
     }
-    subject = next((i for i, g in enumerate(gates) if g.kind == "subject"), None)
+    subject = next(
+        (i for i, g in enumerate(gates) if g.kind == "subject" and g.layer == hp.subject_layer),
+        None,
+    )
     if subject is not None and hp.subject_threshold == CALIBRATED:
         near = vocabulary_neighbours(model, tokenizer, request, hp.calibration_neighbours)
         row["subject_thresholds"] = {
@@ -125,7 +130,8 @@ def _last_cosines(model, tokenizer, gates, prompt: str) -> list[float]:
 def settings(rows: list[dict], hp: LocalHparams) -> dict[str, list[list[float]]]:
     """Per setting, each record's thresholds (``hp``: the run's, for the bound not varied)."""
     out: dict[str, list[list[float]]] = {"default": [r["thresholds"] for r in rows]}
-    if all("subject_thresholds" in r for r in rows):
+    escaped = any(any(alts) for r in rows for alts in r.get("any_of", []))
+    if all("subject_thresholds" in r for r in rows) and not escaped:
         common = set.intersection(*(set(r["subject_thresholds"]) for r in rows))
         for m in sorted(common, key=float):  # the margins every record was measured at
             out[f"subject_margin={float(m)}"] = [
@@ -139,6 +145,21 @@ def settings(rows: list[dict], hp: LocalHparams) -> dict[str, list[list[float]]]
         out["query_cap=0.92"] = [_calibrated(r, hp.query_floor, 0.92) for r in rows]
         out["query_floor=0.75"] = [_calibrated(r, 0.75, hp.query_cap) for r in rows]
     return out
+
+
+def chain_open(row: dict, cosines: list[float], thresholds: list[float]) -> bool:
+    """Whether the patch's last gate is open at a prompt's last position, each gate open where
+    its own cosine clears its threshold or one of its ``any_of`` is open, and its ``requires``
+    is open (rows measured before alternatives existed: a plain chain, each gate requiring the
+    one before)."""
+    n = len(thresholds)
+    requires = row.get("requires", [None, *range(n - 1)])
+    alternatives = row.get("any_of", [[] for _ in range(n)])
+    opened: list[bool] = []
+    for c, t, r, alts in zip(cosines, thresholds, requires, alternatives, strict=True):
+        now = c > t or any(opened[a] for a in alts)
+        opened.append(now and (r is None or opened[r]))
+    return opened[-1]
 
 
 def _calibrated(row: dict, floor: float, cap: float) -> list[float]:
@@ -156,7 +177,7 @@ def summarise(rows: list[dict], hp: LocalHparams) -> dict:
         cells = {}
         for group, _, should_open in GROUPS:
             opened = [
-                all(c > t for c, t in zip(cos, thresholds, strict=True))
+                chain_open(row, cos, thresholds)
                 for row, thresholds in zip(rows, per_record, strict=True)
                 for cos in row["cosines"][group]
             ]
@@ -168,8 +189,16 @@ def summarise(rows: list[dict], hp: LocalHparams) -> dict:
         blocked: dict[str, int] = {}
         for row in rows:
             names = [f"{k}@{n}" for k, n in zip(row["kinds"], row["layers"], strict=True)]
+            alternatives = row.get("any_of", [[] for _ in names])
+            escapes = {a for alts in alternatives for a in alts}  # word gates: never the cause
             for cos in row["cosines"][group]:
-                shut = [k for k, c, t in zip(names, cos, row["thresholds"], strict=True) if c <= t]
+                passed = [c > t for c, t in zip(cos, row["thresholds"], strict=True)]
+                shut = [
+                    name
+                    for i, name in enumerate(names)
+                    if i not in escapes
+                    and not (passed[i] or any(passed[a] for a in alternatives[i]))
+                ]
                 if shut:
                     key = " + ".join(shut)
                     blocked[key] = blocked.get(key, 0) + 1

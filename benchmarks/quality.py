@@ -163,6 +163,13 @@ VARIANTS = {
         "local",
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_layer": 10},
     ),
+    # the subject gate needs strict_margin (0.1) over its calibration unless the input holds a
+    # word of the subject (word gates at layer 0, OR-ed in: format v5); chosen gate-only on
+    # gemma3-270m (benchmarks/results/subject_key_gemma3_*.md)
+    "local: default + word escape, strict margin 0.1": (
+        "local",
+        {**MODEL_DEFAULT, "strict_margin": 0.1},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

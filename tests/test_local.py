@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,6 +116,11 @@ def test_without_gate_the_patch_is_plain():
         ({"subject_margin": -0.01}, r"subject_margin must be a number in \[0, 1\)"),
         ({"subject_margin": True}, r"subject_margin must be a number in \[0, 1\)"),
         ({"subject_margin": "auto"}, r"subject_margin must be a number in \[0, 1\)"),
+        ({"strict_margin": 0.02}, r"strict_margin must lie between subject_margin \(0.02\)"),
+        ({"strict_margin": 1.0}, r"strict_margin must lie between subject_margin"),
+        ({"strict_margin": "0.1"}, "strict_margin must be a number or None"),
+        ({"strict_margin": 0.1, "gate_key": "query"}, "needs gate_key='both'"),
+        ({"strict_margin": 0.1, "subject_threshold": 0.6}, "subject_threshold='calibrated'"),
     ],
 )
 def test_bad_hyperparameters_are_refused(overrides, message):
@@ -589,3 +595,61 @@ def test_vocabulary_neighbours_only_of_a_whole_word_and_not_its_inflections(smol
         "81st Missouri General Assembly",
     )
     assert len(assembly) == 8 and not any(w.lower().startswith("assem") for w in assembly)
+
+
+@pytest.mark.slow
+def test_gemma3_word_escape_shuts_a_same_kind_stranger_and_keeps_an_alias_sharing_a_word(gemma3):
+    # strict_margin: the subject gate needs 0.08 more than its calibrated threshold unless a
+    # word of the subject is in the input (benchmarks/results/subject_key_gemma3_*.md)
+    model, tok = gemma3
+    hp = LocalHparams(strict_margin=0.1).for_model(neuronpatch.arch.resolve(model))
+    default = LocalHparams().for_model(neuronpatch.arch.resolve(model))
+
+    def opens(gates, text):
+        ids = torch.tensor([tok(text).input_ids])
+        with torch.no_grad():
+            return bool(_gate_fn(model, gates)(ids, None)[0, -1])
+
+    # CounterFact record: "Edwin Morris" passes the default's calibrated subject gate
+    camus = EditRequest.coerce(
+        {
+            "prompt": "Carlos Camus holds the title of",
+            "subject": "Carlos Camus",
+            "target_new": "cardinal",
+        }
+    )
+    stranger = "Edwin Morris holds the title of"
+    with torch.no_grad():
+        plain, gates = make_gates(model, tok, camus, default), make_gates(model, tok, camus, hp)
+    chain = [(g.layer, g.requires, g.any_of) for g in gates]
+    # two word gates (" Carlos", " Camus"), lenient, strict (either word), wording, query
+    assert chain == [
+        (0, None, ()),
+        (0, None, ()),
+        (4, None, ()),
+        (4, 2, (0, 1)),
+        (4, 3, ()),
+        (9, 4, ()),
+    ]
+    assert gates[3].threshold == pytest.approx(gates[2].threshold + 0.08)
+    assert opens(plain, stranger) and not opens(gates, stranger)
+    assert opens(gates, camus.prompt)
+    # WikiData_cf record: the alias keeps "Thomas" and "Ahern", so the lenient gate decides
+    ahern = {
+        "prompt": "The name of the position held by Thomas L. Ahern, Jr. is",
+        "subject": "Thomas L. Ahern, Jr.",
+        "target_new": "Austrian Internuncio in Istanbul",
+    }
+    alias = "The name of the position held by Thomas Ahern is"
+    patch = neuronpatch.edit(model, tok, ahern, strict_margin=0.1)
+    assert patch.metrics["success"] and b'"format_version":"5"' in patch.to_bytes()[:4096]
+    words, (lenient, strict) = patch.gates[:2], patch.gates[2:4]
+    assert [g.layer for g in words] == [0, 0] and strict.any_of == (0, 1)
+    assert not opens((lenient, replace(strict, any_of=(), requires=None)), alias)  # strict alone
+    before = greedy(model, tok, alias, n=4)
+    other = "The gender of Thomas L. Ahern, Jr. is"
+    base = logits(model, other, tok)
+    with neuronpatch.applied(model, patch):
+        assert greedy(model, tok, alias, n=4).strip().startswith("Austrian")
+        assert torch.equal(logits(model, other, tok), base)  # another relation: shut
+    assert not before.strip().startswith("Austrian")
