@@ -65,7 +65,7 @@ GROUPS = (
 )
 MARGINS = (0.0, 0.02)
 # the settings whose "auto" value depends on the model (``local.MEASURED``)
-RESOLVED = ("gate_threshold", "gate_layer", "wording_layer")
+RESOLVED = ("gate_threshold", "gate_layer", "wording_layer", "strict_margin")
 
 
 @torch.no_grad()

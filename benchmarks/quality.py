@@ -45,8 +45,9 @@ CALIBRATED_WITH_NEIGHBOURS = {
     "subject_threshold": "calibrated",
     "calibration_neighbours": 8,
 }
-# the library's default for the model: its MEASURED wording gate and query threshold ("auto":
-# a calibrated query threshold on both models, and on gemma3-270m a wording gate at layer 4)
+# the library's default for the model before the word escape: its MEASURED wording gate and
+# query threshold ("auto": a calibrated query threshold on both models, and on gemma3-270m a
+# wording gate at layer 4); with strict_margin 0.1 on gemma3-270m it is today's default there
 MODEL_DEFAULT = {**CALIBRATED_WITH_NEIGHBOURS, "wording_layer": "auto", "gate_threshold": "auto"}
 VARIANTS = {
     "FiNE": ("fine", {}),
@@ -283,6 +284,7 @@ def _command(
             "wording_layer": None,
             "gate_threshold": None,
             "subject_margin": 0.02,
+            "strict_margin": None,
             **overrides,
         }
     cmd += ["--method", method]
@@ -365,11 +367,13 @@ def collate() -> None:
         "the H100 row is the default of its day with fluency on 122-128 records per dataset (pre-",
         "edit fluency on the same records: ZsRE 610.2, WikiData_cf 602.0, CounterFact 613.4).",
         "FiNE's k is 5 neurons per target token (the `FiNE` row); `k=1/10/20` vary it. Today's",
-        "default on both models is the row `local: default + calibrated query threshold` (on",
-        "gemma3-270m with its wording gate at layer 4; `wording_layer` / `gate_threshold` =",
-        "'auto'); `local: default + wording gate at layer 4, 0.88` is gemma3's default before it",
+        "default is the row `local: default + calibrated query threshold` on smollm2-135m and",
+        "`local: default + word escape, strict margin 0.1` on gemma3-270m (its wording gate at",
+        "layer 4, calibrated query threshold and word escape: `wording_layer` / `gate_threshold`",
+        "/ `strict_margin` = 'auto'); the calibrated-query-threshold row is gemma3's default",
+        "before the word escape, `local: default + wording gate at layer 4, 0.88` before that",
         "(fixed query threshold), and the layer-4 whole-word-neighbours row the default before",
-        "either. Other `local: default + X` rows are today's default with X changed. Pre-edit",
+        "either. Other `local: default + X` rows are that default with X changed. Pre-edit",
         "rows: those of the dataset's first run listed and of its largest.",
         "Located-neuron histograms per run (the paper's Figure 4): `quality/plots/`.",
         "",

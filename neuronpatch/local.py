@@ -172,14 +172,21 @@ QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # RSA unchanged) and, with it, the query threshold calibrated per edit (n=300: ZsRE SAA 47.6 ->
 # 58.7 and rephrase 84.4 -> 91.7, WikiData_cf SAA 91.6 -> 92.9, at a cost: RSA 95.0 -> 94.0,
 # CounterFact neighbourhood 89.0 -> 87.7; README); without the wording gate it had opened
-# the query gate on the subject's other relations. smollm2-135m:
+# the query gate on the subject's other relations; and the word escape (strict_margin 0.1,
+# n=300: CounterFact neighbourhood 87.7 -> 93.3, at WikiData_cf SAA 92.9 -> 92.0 and ZsRE SAA
+# 58.7 -> 56.6, RSA, FA and rephrase unchanged, patches ~40 % larger; gate-only held-out
+# 300-499: neighbourhood shut 86.0 -> 91.0 %, aliases 91.8 -> 91.2 %). smollm2-135m:
 # the query threshold calibrated per edit (gate-only on 200 held-out records: 87.6 -> 90.7 %
 # of alias prompts open, RSA and FA prompts unchanged); its best wording layer (2, at 0.95)
 # would cost aliases more than it gains. A smaller subject margin (0.005) was measured and
 # not taken: SAA 91.9 -> 92.5 on WikiData_cf, but it opens neighbourhood prompts
 # ("The mother tongue of Angela Merkel is" for Danielle Darrieux's; README).
 MEASURED: dict[tuple[str, int, int], dict[str, Any]] = {
-    ("gemma3_text", 18, 640): {"wording_layer": 4, "gate_threshold": CALIBRATED},
+    ("gemma3_text", 18, 640): {
+        "wording_layer": 4,
+        "gate_threshold": CALIBRATED,
+        "strict_margin": 0.1,
+    },
     ("llama", 30, 576): {"gate_threshold": CALIBRATED},
 }
 _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "which", "with"}
@@ -230,8 +237,9 @@ class LocalHparams(FineHparams):
     # must clear unless the input holds one of the subject's words (a word gate at layer
     # WORD_LAYER opens; None: no such escape, the subject gate at subject_margin alone). Shuts
     # same-kind subjects that only just pass ("Lanciano" for "Gazzola") and keeps aliases that
-    # share a word ("F Ortis" for "Fernanda Ortis"); see make_gates and the README
-    strict_margin: float | None = None
+    # share a word ("F Ortis" for "Fernanda Ortis"); see make_gates and the README ("auto":
+    # as MEASURED for this model, else None)
+    strict_margin: float | str | None = AUTO
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
@@ -271,9 +279,11 @@ class LocalHparams(FineHparams):
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
             raise InvalidHparamsError(f"subject_margin must be a number in [0, 1), got {margin!r}")
         strict = self.strict_margin
-        if strict is not None:
+        if strict is not None and strict != AUTO:
             if isinstance(strict, bool) or not isinstance(strict, int | float):
-                raise InvalidHparamsError(f"strict_margin must be a number or None, got {strict!r}")
+                raise InvalidHparamsError(
+                    f"strict_margin must be a number, {AUTO!r} or None, got {strict!r}"
+                )
             if not margin < strict < 1:
                 raise InvalidHparamsError(
                     f"strict_margin must lie between subject_margin ({margin}) and 1, got {strict}"
@@ -324,8 +334,9 @@ class LocalHparams(FineHparams):
     def for_model(self, arch: ModelArch) -> LocalHparams:
         """These hyperparameters with every ``"auto"`` resolved for ``arch`` as ``MEASURED``
         for it: a wording layer only where it fits below the query gate of a query or both
-        key, a calibrated threshold only for a query gate; else None (no wording gate, the
-        key's fixed threshold)."""
+        key, a calibrated threshold only for a query gate, a strict margin only for a calibrated
+        subject gate of a both key (and above its subject_margin); else None (no wording gate,
+        the key's fixed threshold, no word escape)."""
         measured = MEASURED.get((arch.model_type, arch.num_layers, arch.hidden_size), {})
         resolved = {}
         if self.wording_layer == AUTO:
@@ -337,6 +348,12 @@ class LocalHparams(FineHparams):
         if self.gate_threshold == AUTO:
             threshold = measured.get("gate_threshold")
             resolved["gate_threshold"] = threshold if self.gate_key != "subject" else None
+        if self.strict_margin == AUTO:
+            strict = measured.get("strict_margin")
+            fits = self.gate_key == "both" and self.subject_threshold == CALIBRATED
+            resolved["strict_margin"] = (
+                strict if fits and strict is not None and strict > self.subject_margin else None
+            )
         return replace(self, **resolved) if resolved else self
 
     def layer_of_gate(self, num_layers: int) -> int:
@@ -548,7 +565,7 @@ def make_gates(
         elif threshold == CALIBRATED:
             threshold = calibrated_query_threshold(model, tokenizer, request, gate, hp)
         gates.append(replace(gate, threshold=threshold))
-    if hp.strict_margin is not None:
+    if hp.strict_margin not in (None, AUTO):
         return _with_word_escape(model, tokenizer, request, hp, tuple(gates))
     return tuple(gates)
 

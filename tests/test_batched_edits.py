@@ -155,10 +155,14 @@ def test_batched_edits_on_gemma3_match_single_ones(gemma3):
          "target_new": "Italy"},
     ]  # fmt: skip
     alone = neuronpatch.edit(model, tok, facts)
-    # gemma3's default chain: subject and wording keys at layer 4, the query key at 9
-    assert all(
-        [(g.layer, g.requires) for g in p.gates] == [(4, None), (4, 0), (9, 1)] for p in alone
-    )
+    # gemma3's default chain: word gates at layer 0 (Eiffel, Tower; Danielle, Darrieux;
+    # Toyota), subject, strict and wording keys at layer 4, the query key at 9
+    for p, words in zip(alone, (2, 2, 1), strict=True):
+        chain = [(g.layer, g.requires, g.any_of) for g in p.gates]
+        w = tuple(range(words))
+        assert chain == [(0, None, ())] * words + [
+            (4, None, ()), (4, words, w), (4, words + 1, ()), (9, words + 2, ())
+        ]  # fmt: skip
     batched = neuronpatch.edit(model, tok, facts, batch_size=2)
     for b, a in zip(batched, alone, strict=True):
         _assert_close(b, a, atol=1e-3)

@@ -118,7 +118,7 @@ def test_without_gate_the_patch_is_plain():
         ({"subject_margin": "auto"}, r"subject_margin must be a number in \[0, 1\)"),
         ({"strict_margin": 0.02}, r"strict_margin must lie between subject_margin \(0.02\)"),
         ({"strict_margin": 1.0}, r"strict_margin must lie between subject_margin"),
-        ({"strict_margin": "0.1"}, "strict_margin must be a number or None"),
+        ({"strict_margin": "0.1"}, "strict_margin must be a number, 'auto' or None"),
         ({"strict_margin": 0.1, "gate_key": "query"}, "needs gate_key='both'"),
         ({"strict_margin": 0.1, "subject_threshold": 0.6}, "subject_threshold='calibrated'"),
     ],
@@ -374,14 +374,24 @@ def test_gemma3_default_calibrates_its_query_gate_and_answers_a_reworded_questio
     other_relation = "The occupation of Lucinda Bruce-Gardyne is"
     patch = neuronpatch.edit(model, tok, request)
     assert patch.metrics["success"] and patch.hparams["gate_threshold"] == "calibrated"
-    chain = [(g.kind, g.layer, g.requires) for g in patch.gates]
-    assert chain == [("subject", 4, None), ("query", 4, 0), ("query", 9, 1)]
-    assert 0.85 <= patch.gates[2].threshold < 0.86
+    chain = [(g.kind, g.layer, g.requires, g.any_of) for g in patch.gates]
+    # word gates (Lucinda, Bruce, Gardyne), the subject gate and its strict copy (the word
+    # escape, strict_margin 0.1), the wording gate, the calibrated query gate
+    assert chain == [
+        *[("subject", 0, None, ())] * 3,
+        ("subject", 4, None, ()),
+        ("subject", 4, 3, (0, 1, 2)),
+        ("query", 4, 4, ()),
+        ("query", 9, 5, ()),
+    ]
+    assert patch.hparams["strict_margin"] == 0.1
+    query = patch.gates[-1]
+    assert 0.85 <= query.threshold < 0.86
     ids = torch.tensor([tok(rewording).input_ids])
     with torch.no_grad():
         residual = model(input_ids=ids, output_hidden_states=True).hidden_states[10]
-    reach = GateBank([patch.gates[2]], torch.device("cpu")).cosine(residual)[0, -1, 0].item()
-    assert patch.gates[2].threshold < reach < 0.9
+    reach = GateBank([query], torch.device("cpu")).cosine(residual)[0, -1, 0].item()
+    assert query.threshold < reach < 0.9
     before = greedy(model, tok, rewording, n=6)
     base = logits(model, other_relation, tok)
     assert "Wisconsin" not in before
@@ -435,6 +445,15 @@ def test_auto_wording_layer_is_the_one_measured_for_the_model():
     assert LocalHparams(wording_layer=2).for_model(smollm2).wording_layer == 2
     assert LocalHparams(wording_layer=None).for_model(gemma).wording_layer is None
     assert LocalHparams(gate_threshold=0.8).for_model(smollm2).threshold() == 0.8
+    # the word escape: gemma3's calibrated subject gate of a both key, nowhere else
+    assert default.strict_margin == "auto"
+    assert default.for_model(gemma).strict_margin == 0.1
+    assert default.for_model(smollm2).strict_margin is None
+    assert LocalHparams(gate_key="query").for_model(gemma).strict_margin is None
+    assert LocalHparams(subject_threshold=0.6).for_model(gemma).strict_margin is None
+    assert LocalHparams(subject_margin=0.2).for_model(gemma).strict_margin is None
+    assert LocalHparams(strict_margin=None).for_model(gemma).strict_margin is None
+    assert LocalHparams(strict_margin=0.05).for_model(smollm2).strict_margin == 0.05
     # the patch records what was used, not "auto"
     patch = tiny_edit(build_tiny("llama"), gate_key="query", frozen_layers=0, gate_layer=1)
     assert patch.hparams["wording_layer"] is None and len(patch.gates) == 1
@@ -603,7 +622,7 @@ def test_gemma3_word_escape_shuts_a_same_kind_stranger_and_keeps_an_alias_sharin
     # word of the subject is in the input (benchmarks/results/subject_key_gemma3_*.md)
     model, tok = gemma3
     hp = LocalHparams(strict_margin=0.1).for_model(neuronpatch.arch.resolve(model))
-    default = LocalHparams().for_model(neuronpatch.arch.resolve(model))
+    default = LocalHparams(strict_margin=None).for_model(neuronpatch.arch.resolve(model))
 
     def opens(gates, text):
         ids = torch.tensor([tok(text).input_ids])
@@ -641,7 +660,7 @@ def test_gemma3_word_escape_shuts_a_same_kind_stranger_and_keeps_an_alias_sharin
         "target_new": "Austrian Internuncio in Istanbul",
     }
     alias = "The name of the position held by Thomas Ahern is"
-    patch = neuronpatch.edit(model, tok, ahern, strict_margin=0.1)
+    patch = neuronpatch.edit(model, tok, ahern)  # gemma3's default: strict_margin 0.1
     assert patch.metrics["success"] and b'"format_version":"5"' in patch.to_bytes()[:4096]
     words, (lenient, strict) = patch.gates[:2], patch.gates[2:4]
     assert [g.layer for g in words] == [0, 0] and strict.any_of == (0, 1)
