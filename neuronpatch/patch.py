@@ -108,8 +108,10 @@ class Gate:
             if not isinstance(value, torch.Tensor):
                 raise GateError(f"gate {name} must be a tensor, got {type(value).__name__}")
             object.__setattr__(self, name, value.detach().to("cpu", torch.float32).contiguous())
-        if not isinstance(self.any_of, tuple):
+        if isinstance(self.any_of, list):
             object.__setattr__(self, "any_of", tuple(self.any_of))
+        if not isinstance(self.any_of, tuple):
+            raise GateError(f"gate any_of must be a tuple of gate indices, got {self.any_of!r}")
 
     def equals(self, other: Gate) -> bool:
         return (
@@ -534,8 +536,6 @@ def _validate_requires(g: int, gate: Gate, gates: tuple[Gate, ...], where: str) 
     """``requires`` and ``any_of`` name earlier gates of the patch that read no higher layer
     (the runtime settles a layer's gates in index order, so theirs are known first)."""
     named = [("requires", gate.requires)] if gate.requires is not None else []
-    if not isinstance(gate.any_of, tuple):
-        raise GateError(f"{where}: gate {g} any_of must be a tuple of gate indices")
     if len(set(gate.any_of)) != len(gate.any_of):
         raise GateError(f"{where}: gate {g} any_of names a gate twice: {list(gate.any_of)}")
     named += [("any_of", a) for a in gate.any_of]
@@ -631,8 +631,8 @@ def _read_gates(
         deep = _deep_same_layer(gates)
         if deep:
             raise CorruptPatchError(
-                f"{source}: gate {deep[0]} requires a gate of its own layer that requires one "
-                "itself, which format version 4 does not define (written as version 5)"
+                f"{source}: gate {deep[0]} requires a gate of its own layer that requires a "
+                "gate itself, which format version 4 does not define (written as version 5)"
             )
     return tuple(gates)
 
@@ -663,13 +663,11 @@ def _same_layer_requirers(gates: Sequence[Gate]) -> list[int]:
 
 
 def _deep_same_layer(gates: Sequence[Gate]) -> list[int]:
-    """The gates that require a gate of their own layer which itself requires a gate of that
-    layer (format version 5: the runtime settles such chains level by level)."""
+    """The gates that require a gate of their own layer which itself requires a gate (of any
+    layer). Version 4 settled a layer's requirements in one step, so a required gate of the
+    same layer had to require none; such chains are version 5 (settled level by level)."""
     return [
-        g
-        for g in _same_layer_requirers(gates)
-        if gates[gates[g].requires].requires is not None
-        and gates[gates[gates[g].requires].requires].layer == gates[g].layer
+        g for g in _same_layer_requirers(gates) if gates[gates[g].requires].requires is not None
     ]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import MODEL_TYPES, build_tiny, make_patch
 
 import neuronpatch
-from neuronpatch.errors import FormatVersionError, GatedPatchError, GateError
+from neuronpatch.errors import CorruptPatchError, FormatVersionError, GatedPatchError, GateError
 from neuronpatch.inspect import describe
 from neuronpatch.patch import Gate, LayerDelta, Patch
 
@@ -438,6 +440,24 @@ def test_a_deeper_same_layer_chain_is_version_5_and_a_version_4_file_may_not_hol
     with neuronpatch.applied(model, deep):
         out = logits(model, IDS)
     assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=6), atol=1e-5)
+    with pytest.raises(CorruptPatchError, match="version 4 does not define"):
+        Patch.from_bytes(raw.replace(b'"format_version":"5"', b'"format_version":"4"'))
+
+
+def test_a_same_layer_required_gate_that_requires_a_lower_one_is_version_5_too():
+    # version 4 settled a layer's requirements in one step: a required gate of the same layer
+    # had to require nothing, even a gate of a lower layer
+    model = build_tiny("llama")
+    word, lenient, strict = escape(model, 3, 5, 7).gates
+    chain = (word, replace(lenient, requires=0), replace(strict, any_of=()))  # 1@1 <- 0@0
+    patch = Patch(escape(model, 3, 5, 7).layers, make_patch(model).base, gates=chain)
+    raw = patch.to_bytes()
+    assert b'"format_version":"5"' in raw[:4096]
+    ld = patch.layers[2]
+    plain = Patch({2: LayerDelta(ld.neuron_indices, ld.deltas)}, patch.base, method="test")
+    with neuronpatch.applied(model, patch):
+        out = logits(model, IDS)
+    assert torch.allclose(out, masked_reference(model, plain, IDS, first_open=7), atol=1e-5)
     with pytest.raises(CorruptPatchError, match="version 4 does not define"):
         Patch.from_bytes(raw.replace(b'"format_version":"5"', b'"format_version":"4"'))
 
