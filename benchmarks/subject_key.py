@@ -48,6 +48,7 @@ from neuronpatch.local import (
     LocalHparams,
     _residuals,
     generic_centres,
+    other_subject_prompts,
     peak_cosines,
     right_padded,
     subject_end,
@@ -105,11 +106,7 @@ def measure_keys(model, tokenizer, record, hp: LocalHparams) -> dict:
     for name, gate in keyed.items():
         row["highest"][name] = max(c[0] for c in _peaks(model, tokenizer, [gate], texts))
     # words: calibrated on OTHER_SUBJECTS only (a neighbour word is no stranger to the subject)
-    plain = [
-        request.prompt.replace(request.subject, o)
-        for o in OTHER_SUBJECTS
-        if o.lower() != request.subject.lower()
-    ]
+    plain = other_subject_prompts(request)
     if word_gates:
         peaks = torch.tensor(_peaks(model, tokenizer, word_gates, plain))  # [n, W]
         row["highest"]["words"] = peaks.amax(0).tolist()  # [W]

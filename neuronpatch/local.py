@@ -606,22 +606,10 @@ def _with_word_escape(
         Gate(WORD_LAYER, h[i] - centre, centre, 0.0, "subject")
         for i in subject_words(tokenizer, request.prompt, request.subject)
     ]
-    texts = [
-        request.prompt.replace(request.subject, other)
-        for other in OTHER_SUBJECTS
-        if other.lower() != request.subject.lower()
-    ]
+    texts = other_subject_prompts(request)
     if words and texts:
-        highest = peak_cosines(model, tokenizer, words, texts).amax(0)  # [W]
-        words = [
-            replace(
-                g,
-                threshold=min(
-                    max(float(c) + CALIBRATION_MARGIN, CALIBRATION_FLOOR), MAX_CALIBRATED
-                ),
-            )
-            for g, c in zip(words, highest, strict=True)
-        ]
+        thresholds = _above(model, tokenizer, words, texts, CALIBRATION_FLOOR, MAX_CALIBRATED)
+        words = [replace(g, threshold=t) for g, t in zip(words, thresholds, strict=True)]
     else:
         words = [replace(g, threshold=MAX_CALIBRATED) for g in words]
     lenient, rest = chain[0], chain[1:]
@@ -660,29 +648,36 @@ def calibrated_threshold(
     0.02 shuts "The mother tongue of Angela Merkel is" (0.405) for an edit of Danielle
     Darrieux's (calibrated at 0.399). ``LocalHparams.subject_margin`` sets it; smaller ones,
     measured on more records, are in the README ("Edits that stay local")."""
-    texts = [
+    texts = other_subject_prompts(request, extra)
+    if not texts:
+        return CALIBRATION_FLOOR
+    return _above(model, tokenizer, [gate], texts, CALIBRATION_FLOOR, MAX_CALIBRATED, margin)[0]
+
+
+def other_subject_prompts(request: EditRequest, extra: Sequence[str] = ()) -> list[str]:
+    """The prompt with each of ``OTHER_SUBJECTS`` (and ``extra``) in the subject's place, the
+    subject itself left out: what a subject gate is calibrated to stay shut on."""
+    return [
         request.prompt.replace(request.subject, other)
         for other in (*OTHER_SUBJECTS, *extra)
         if other.lower() != request.subject.lower()
     ]
-    if not texts:
-        return CALIBRATION_FLOOR
-    return _above(model, tokenizer, gate, texts, CALIBRATION_FLOOR, MAX_CALIBRATED, margin)
 
 
 def _above(
     model: nn.Module,
     tokenizer,
-    gate: Gate,
+    gates: Sequence[Gate],
     texts: Sequence[str],
     floor: float,
     cap: float,
     margin: float = CALIBRATION_MARGIN,
-) -> float:
-    """The highest cosine ``gate`` reaches on ``texts`` plus ``margin``, kept within
-    [floor, cap]: a threshold that shuts the gate on every one of them (below the cap)."""
-    highest = peak_cosines(model, tokenizer, [gate], texts).max().item()
-    return min(max(highest + margin, floor), cap)
+) -> list[float]:
+    """Per gate (all reading one layer), the highest cosine it reaches on ``texts`` plus
+    ``margin``, kept within [floor, cap]: a threshold that shuts it on every one of them
+    (below the cap)."""
+    highest = peak_cosines(model, tokenizer, gates, texts).amax(0)  # [G]
+    return [min(max(h + margin, floor), cap) for h in highest.tolist()]
 
 
 def calibrated_query_threshold(
@@ -700,7 +695,7 @@ def calibrated_query_threshold(
     texts = negative_prompts(request, hp.negative_templates)
     if not texts:
         return QUERY_THRESHOLD
-    return _above(model, tokenizer, gate, texts, hp.query_floor, hp.query_cap)
+    return _above(model, tokenizer, [gate], texts, hp.query_floor, hp.query_cap)[0]
 
 
 def vocabulary_neighbours(model: nn.Module, tokenizer, request: EditRequest, k: int) -> list[str]:
