@@ -1,7 +1,7 @@
 """Write the gated golden patches under ``patches/golden/`` (format versions 2 to 5).
 
     .venv/bin/python patches/make_golden_gated.py           # write the files
-    .venv/bin/python patches/make_golden_gated.py --check   # rebuild in memory, compare
+    .venv/bin/python patches/make_golden_gated.py --check   # rebuild in memory, compare (up to rounding)
 
 Both are the version-1 golden patch (``smollm2-135m-v1-manual.safetensors``, read from disk)
 with every row behind the ``"local"`` method's two gates for its request: a subject gate
@@ -46,6 +46,8 @@ CONTINUED = " Rome. It is known for"  # appended to the prompt: positions after 
 OTHER = "The capital of Germany is"  # another subject: both gates stay shut
 CLAUSE = "The capital of France, which is not Rome, is"  # the question inside a sentence
 TOP = 5
+KEY_TOL = 1e-4  # gate keys, centres and thresholds: float rounding across thread counts
+LOGIT_TOL = 1e-3  # the recorded logits are rounded to 4 decimals
 
 
 def _top(model, tokenizer, text: str) -> dict:
@@ -130,6 +132,47 @@ def build() -> dict[str, tuple[bytes, dict]]:
     return out
 
 
+def _compare(path: Path, data: bytes, stored: dict, rebuilt: dict) -> str | None:
+    """None when a rebuild matches a stored file up to float rounding, else what differs.
+
+    Gate keys and centres are sums over the hidden width, so another thread count or BLAS
+    path rounds them differently (~1e-5); everything discrete must match exactly.
+    """
+    old, new = neuronpatch.Patch.load(path), neuronpatch.Patch.from_bytes(data)
+    if len(old.gates) != len(new.gates) or old.layers.keys() != new.layers.keys():
+        return "DIFFERS: other gates or layers"
+    for i, (a, b) in enumerate(zip(old.gates, new.gates, strict=True)):
+        for field in a.__dataclass_fields__:
+            x, y = getattr(a, field), getattr(b, field)
+            if isinstance(x, torch.Tensor):
+                close = x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=KEY_TOL)
+            elif isinstance(x, float):
+                close = abs(x - y) <= KEY_TOL
+            else:
+                close = x == y
+            if not close:
+                return f"DIFFERS: gate {i} {field}"
+    for layer, ld in old.layers.items():
+        other = new.layers[layer]
+        if not (
+            torch.equal(ld.neuron_indices, other.neuron_indices)
+            and torch.equal(ld.deltas, other.deltas)
+        ):
+            return f"DIFFERS: layer {layer} rows"
+    for key in ("prompt", "continued", "clause"):
+        if key not in stored:
+            continue
+        a, b = stored[key], rebuilt[key]
+        if a["top5_ids"] != b["top5_ids"]:
+            return f"DIFFERS: the top 5 after {key!r}"
+        if (
+            max(abs(x - y) for x, y in zip(a["top5_logits"], b["top5_logits"], strict=True))
+            > LOGIT_TOL
+        ):
+            return f"DIFFERS: the logits after {key!r}"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the files, write none")
@@ -141,9 +184,12 @@ def main() -> None:
         record = path.with_suffix(".expected.json")
         text = json.dumps(expected, indent=2, ensure_ascii=False) + "\n"
         if args.check or path.exists():  # released files are compared, never rewritten
-            ok = path.read_bytes() == data and record.read_text() == text
-            print(f"{name}: {'identical' if ok else 'DIFFERS'}")
-            same &= ok
+            if path.read_bytes() == data and record.read_text() == text:
+                print(f"{name}: identical")
+                continue
+            problem = _compare(path, data, json.loads(record.read_text()), expected)
+            print(f"{name}: {problem or 'equal within float tolerance (not byte-identical)'}")
+            same &= problem is None
             continue
         neuronpatch.Patch.from_bytes(data).save(path)
         record.write_text(text)
