@@ -1,4 +1,4 @@
-"""Runtime cost of neuronpatch patches on the embedded SmolLM2-135M, on CPU.
+"""Runtime cost of neuronpatch patches on an embedded model (SmolLM2-135M by default), on CPU.
 
 Measures, in one process:
 
@@ -24,9 +24,11 @@ Timings are reported, never asserted. Usage::
     .venv/bin/python benchmarks/runtime_overhead.py            # full run, ~15 min on 2 cores
     .venv/bin/python benchmarks/runtime_overhead.py --quick    # smoke run, ~2 min
     .venv/bin/python benchmarks/runtime_overhead.py --out DIR  # results elsewhere
+    .venv/bin/python benchmarks/runtime_overhead.py --model gemma3-270m  # its default's gates
 
 Writes runtime_overhead.json (raw numbers), runtime_overhead.md (tables) and
-runtime_overhead.png (slowdown vs stacked patches) to benchmarks/results/ or --out.
+runtime_overhead.png (slowdown vs stacked patches) to benchmarks/results/ or --out; for another
+model than smollm2-135m, runtime_overhead_<family>.* (gemma3-270m: runtime_overhead_gemma3.*).
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ from neuronpatch.patch import Gate  # noqa: E402
 from neuronpatch.request import EditRequest  # noqa: E402
 from neuronpatch.runtime import _GateState, _state  # noqa: E402
 
-MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m"
 PATCH_COUNTS = (1, 10, 100, 1000)
 BATCHES = (1, 8)
 NEURONS_PER_PATCH = 20
-PATCH_LAYERS = 27  # neurons are drawn from layers 0..26
+FROZEN_TOP = 3  # neurons are drawn from all but the last 3 layers (smollm2-135m: 0..26)
 DELTA_SCALE = 1e-3
 TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
 GATED_COUNTS = (1, 100, 1000)
@@ -152,8 +154,9 @@ def _base(arch: ModelArch, name: str) -> neuronpatch.BaseModelInfo:
 def _random_rows(
     arch: ModelArch, g: torch.Generator, lowest: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """20 random (layer, neuron) pairs in layers lowest..26 with small random deltas."""
-    layers = torch.randint(lowest, PATCH_LAYERS, (NEURONS_PER_PATCH,), generator=g).tolist()
+    """20 random (layer, neuron) pairs in layers lowest..top with small random deltas."""
+    top = patch_layers(arch)
+    layers = torch.randint(lowest, top, (NEURONS_PER_PATCH,), generator=g).tolist()
     return {
         layer: (
             torch.randperm(arch.intermediate_size, generator=g)[:k],  # [k]
@@ -163,8 +166,20 @@ def _random_rows(
     }
 
 
+def patch_layers(arch: ModelArch) -> int:
+    """Neurons are drawn from layers below this one."""
+    return arch.num_layers - FROZEN_TOP
+
+
+def outputs_stem(model: str) -> str:
+    """'runtime_overhead' for smollm2-135m (the first results), else with the model family."""
+    return (
+        "runtime_overhead" if model == DEFAULT_MODEL else f"runtime_overhead_{model.split('-')[0]}"
+    )
+
+
 def make_patches(arch: ModelArch, count: int, name: str) -> list[neuronpatch.Patch]:
-    """``count`` distinct patches of 20 random (layer, neuron) pairs in layers 0..26."""
+    """``count`` distinct patches of 20 random (layer, neuron) pairs in all but the top layers."""
     base, fp = _base(arch, name), fingerprint.compute(arch)
     return [
         neuronpatch.Patch(
@@ -823,7 +838,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Load average before/after: `{results['loadavg_start']}` / `{results['loadavg_end']}`.",
         "",
         f"Greedy generation of {tp['new_tokens']} new tokens per sequence; each patch has "
-        f"{NEURONS_PER_PATCH} random neurons in layers 0..{PATCH_LAYERS - 1}. A gated patch "
+        f"{NEURONS_PER_PATCH} random neurons in layers {results['setup']['patch_layers']}. A gated patch "
         f'(as method="local" makes one) has {NEURONS_PER_PATCH} random neurons in layers '
         f"{results['setup']['gated_patch_layers']}, all guarded by the default method's gates: "
         f"{results['setup']['gates']}; `N gated` patches have random keys, so their gates stay "
@@ -1046,6 +1061,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
     parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model name (default {DEFAULT_MODEL}); gated patches get its default gates",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
@@ -1072,10 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {message}", flush=True)
 
     loadavg_start = _loadavg()
-    model, tokenizer = neuronpatch.load_model(MODEL)
+    model, tokenizer = neuronpatch.load_model(args.model)
     arch = resolve(model)
+    top = patch_layers(arch) - 1
     log(
-        f"loaded {MODEL}: {arch.model_type}, {arch.num_layers} layers, hidden "
+        f"loaded {args.model}: {arch.model_type}, {arch.num_layers} layers, hidden "
         f"{arch.hidden_size}, intermediate {arch.intermediate_size}"
     )
     sets = make_patch_sets(model, tokenizer, arch)
@@ -1085,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: dict[str, Any] = dict(
-        model=MODEL,
+        model=args.model,
         quick=quick,
         machine=machine_info(),
         loadavg_start=loadavg_start,
@@ -1093,13 +1114,13 @@ def main(argv: list[str] | None = None) -> int:
             patch_counts=list(PATCH_COUNTS),
             batches=list(BATCHES),
             neurons_per_patch=NEURONS_PER_PATCH,
-            patch_layers=f"0..{PATCH_LAYERS - 1}",
+            patch_layers=f"0..{top}",
             delta_scale=DELTA_SCALE,
             prompts=PROMPTS,
             targets_max_slowdown_pct=targets(),
             gated_counts=list(GATED_COUNTS),
             gates=describe_gates(sets.gated_open.gates),
-            gated_patch_layers=f"{sets.gated_open.gates[-1].layer + 1}..{PATCH_LAYERS - 1}",
+            gated_patch_layers=f"{sets.gated_open.gates[-1].layer + 1}..{top}",
             open_gate_request=OPEN_REQUEST.to_dict(),
         ),
     )
@@ -1121,14 +1142,15 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = assess_targets(results)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "runtime_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out / "runtime_overhead.md")
-    write_plot(results, args.out / "runtime_overhead.png")
+    stem = outputs_stem(args.model)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.out / f"{stem}.md")
+    write_plot(results, args.out / f"{stem}.png")
     for line in _target_lines(results["targets"]):
         log(line)
     log(
         f"targets end-to-end: {results['targets']['measured']}, per microbenchmark: "
-        f"{results['targets']['predicted']}; wrote {args.out}/runtime_overhead.{{json,md,png}}"
+        f"{results['targets']['predicted']}; wrote {args.out}/{stem}.{{json,md,png}}"
     )
     return 0
 
