@@ -171,6 +171,19 @@ VARIANTS = {
         "local",
         {**MODEL_DEFAULT, "strict_margin": 0.1},
     ),
+    # the word escape the other way round (smollm2-135m): a lenient subject gate at margin 0
+    # (aliases that share a subject word open) and a strict one a little above the default's
+    # for the rest; chosen gate-only (benchmarks/results/subject_key_smollm2_*.md)
+    "local: default + word escape, lenient margin 0, strict margin 0.05": (
+        "local",
+        {**MODEL_DEFAULT, "subject_margin": 0.0, "strict_margin": 0.05},
+    ),
+    # the library's default as a user gets it (every "auto" resolved for the model, as the CLI
+    # and edit() do), with fluency, on the 2-core CPU
+    "default, with fluency": (
+        "local",
+        {"wording_layer": "auto", "gate_threshold": "auto", "strict_margin": "auto"},
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }

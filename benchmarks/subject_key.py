@@ -18,7 +18,9 @@ edit on other subjects in the subject's place) is replaced or joined by:
   on the other subjects (highest cosine + 0.02), open when any word key matches. Aliases that
   share a word with the subject keep the lenient threshold; strangers must clear the strict
   one. This is what ``LocalHparams.strict_margin`` builds (``any_of``: ``patches/FORMAT.md``
-  v5); here it is computed offline from the stored cosines.
+  v5); here it is computed offline from the stored cosines. Also the other way round: a
+  lenient margin *below* the default's (0 / -0.02: more aliases open) with a strict margin near
+  the default's (0.02 / 0.05 / 0.08) for words the subject does not share.
 
 Per setting, % of prompts where the chain does what it should: open on subject-alias (SAA),
 ZsRE rephrase and CounterFact paraphrase prompts, shut on RSA, FA and CounterFact neighbourhood
@@ -61,6 +63,16 @@ HERE = Path(__file__).resolve().parent
 WORD_LAYER = 0
 MARGINS = (0.02, 0.04, 0.06, 0.08, 0.1)
 STRICT = (0.08, 0.1)
+# the escape the other way round: a lenient gate *below* the default's margin (more aliases
+# open) that strangers can pass only at about the default's margin or a little above it
+LENIENT_STRICT = (
+    (0.0, 0.02),
+    (0.0, 0.05),
+    (-0.02, 0.02),
+    (-0.02, 0.05),
+    (-0.02, 0.08),
+    (-0.02, 0.1),
+)
 
 
 def subject_start(tokenizer, prompt: str, subject: str) -> int:
@@ -151,9 +163,9 @@ def settings() -> dict:
             k["highest"]["first"] + 0.02
         )
 
-    def escape(strict):
+    def escape(strict, lenient=0.02):
         def opened(b, k, g, i):
-            if not margin(0.02)(b, k, g, i):  # the lenient (default) gate
+            if not margin(lenient)(b, k, g, i):  # the lenient gate (the default's at 0.02)
                 return False
             if b["cosines"][g][i][0] > _clamp(b["subject_thresholds"]["0.0"] + strict):
                 return True
@@ -169,6 +181,12 @@ def settings() -> dict:
     out.update({f"entity-centred, margin {m}": entity(m) for m in (0.0, 0.05, 0.1)})
     out["first token AND"] = first
     out.update({f"word escape, strict margin {s}": escape(s) for s in STRICT})
+    out.update(
+        {
+            f"word escape, lenient margin {m}, strict margin {s}": escape(s, m)
+            for m, s in LENIENT_STRICT
+        }
+    )
     return out
 
 
@@ -236,7 +254,9 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = neuronpatch.load_model(args.model)
     model.eval()
-    hp = LocalHparams().for_model(resolve(model))
+    # the chain without the escape (whatever the model's default): the escape is computed here,
+    # offline, and the rows keep the subject gate first (gemma3-270m's default now has words)
+    hp = LocalHparams(strict_margin=None).for_model(resolve(model))
     tag = f"{args.model.split('-')[0]}_{args.start}-{args.stop}"
     base_rows, key_rows = {}, {}
     for dataset in args.datasets:

@@ -231,7 +231,9 @@ class LocalHparams(FineHparams):
     # of other subjects' same question (README, "Edits that stay local")
     query_floor: float = QUERY_FLOOR
     # subject_threshold="calibrated": how far above the highest calibration cosine. Lower
-    # opens more aliases and more same-kind neighbours (README, "Edits that stay local")
+    # opens more aliases and more same-kind neighbours (README, "Edits that stay local");
+    # below 0 (some calibration prompts pass) only with strict_margin, which shuts them again
+    # unless they share a subject word
     subject_margin: float = CALIBRATION_MARGIN
     # gate_key="both" with a calibrated subject threshold: a stricter margin the subject gate
     # must clear unless the input holds one of the subject's words (a word gate at layer
@@ -276,9 +278,15 @@ class LocalHparams(FineHparams):
                 f"threshold's floor, query_floor, and 1), got {cap!r}"
             )
         margin = self.subject_margin
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
-            raise InvalidHparamsError(f"subject_margin must be a number in [0, 1), got {margin!r}")
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not -1 < margin < 1:
+            raise InvalidHparamsError(f"subject_margin must be a number in (-1, 1), got {margin!r}")
         strict = self.strict_margin
+        if margin < 0 and strict is None:
+            raise InvalidHparamsError(
+                f"subject_margin={margin} is below the calibration prompts' highest cosine, so "
+                "the subject gate would open on other subjects; a negative margin needs a word "
+                "escape that shuts them again: set strict_margin (e.g. 0.05), or a margin >= 0"
+            )
         if strict is not None and strict != AUTO:
             if isinstance(strict, bool) or not isinstance(strict, int | float):
                 raise InvalidHparamsError(
@@ -354,6 +362,12 @@ class LocalHparams(FineHparams):
             resolved["strict_margin"] = (
                 strict if fits and strict is not None and strict > self.subject_margin else None
             )
+            if resolved["strict_margin"] is None and self.subject_margin < 0:
+                raise InvalidHparamsError(
+                    f"subject_margin={self.subject_margin} needs a word escape, and "
+                    f"strict_margin='auto' gives none for this model ({arch.model_type}, "
+                    f"{arch.num_layers} layers): set strict_margin (e.g. 0.05), or a margin >= 0"
+                )
         return replace(self, **resolved) if resolved else self
 
     def layer_of_gate(self, num_layers: int) -> int:

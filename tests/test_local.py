@@ -113,9 +113,13 @@ def test_without_gate_the_patch_is_plain():
         ({"query_floor": 0.0}, r"query_floor must be a number in \(0, 1\)"),
         ({"query_floor": "auto"}, r"query_floor must be a number in \(0, 1\)"),
         ({"query_floor": 0.92}, r"query_cap must be a number in \[0.92, 1\)"),
-        ({"subject_margin": -0.01}, r"subject_margin must be a number in \[0, 1\)"),
-        ({"subject_margin": True}, r"subject_margin must be a number in \[0, 1\)"),
-        ({"subject_margin": "auto"}, r"subject_margin must be a number in \[0, 1\)"),
+        ({"subject_margin": -1.0}, r"subject_margin must be a number in \(-1, 1\)"),
+        ({"subject_margin": True}, r"subject_margin must be a number in \(-1, 1\)"),
+        ({"subject_margin": "auto"}, r"subject_margin must be a number in \(-1, 1\)"),
+        (
+            {"subject_margin": -0.01, "strict_margin": None},
+            r"subject_margin=-0.01 .* needs a word escape .* set strict_margin",
+        ),
         ({"strict_margin": 0.02}, r"strict_margin must lie between subject_margin \(0.02\)"),
         ({"strict_margin": 1.0}, r"strict_margin must lie between subject_margin"),
         ({"strict_margin": "0.1"}, "strict_margin must be a number, 'auto' or None"),
@@ -454,6 +458,12 @@ def test_auto_wording_layer_is_the_one_measured_for_the_model():
     assert LocalHparams(subject_margin=0.2).for_model(gemma).strict_margin is None
     assert LocalHparams(strict_margin=None).for_model(gemma).strict_margin is None
     assert LocalHparams(strict_margin=0.05).for_model(smollm2).strict_margin == 0.05
+    # a lenient gate below its calibration only behind a word escape (the strict gate)
+    lenient = LocalHparams(subject_margin=-0.02, strict_margin=0.05).for_model(smollm2)
+    assert (lenient.subject_margin, lenient.strict_margin) == (-0.02, 0.05)
+    unknown = SimpleNamespace(model_type="mistral", num_layers=32, hidden_size=4096)
+    with pytest.raises(InvalidHparamsError, match="strict_margin='auto' gives none for this"):
+        LocalHparams(subject_margin=-0.02).for_model(unknown)
     # the patch records what was used, not "auto"
     patch = tiny_edit(build_tiny("llama"), gate_key="query", frozen_layers=0, gate_layer=1)
     assert patch.hparams["wording_layer"] is None and len(patch.gates) == 1
