@@ -682,3 +682,46 @@ def test_gemma3_word_escape_shuts_a_same_kind_stranger_and_keeps_an_alias_sharin
         assert greedy(model, tok, alias, n=4).strip().startswith("Austrian")
         assert torch.equal(logits(model, other, tok), base)  # another relation: shut
     assert not before.strip().startswith("Austrian")
+
+
+@pytest.mark.slow
+def test_smollm2_lenient_escape_opens_an_alias_sharing_a_word_and_shuts_a_stranger(smollm2):
+    # the word escape the other way round: the subject gate at margin 0 where a word of the
+    # subject is in the input, 0.05 elsewhere (benchmarks/results/subject_key_smollm2_*.md)
+    model, tok = smollm2
+    arch = neuronpatch.arch.resolve(model)
+    escape = LocalHparams(subject_margin=0.0, strict_margin=0.05).for_model(arch)
+    plain = LocalHparams(subject_margin=0.02, strict_margin=None).for_model(arch)
+
+    def opens(gates, text):
+        ids = torch.tensor([tok(text).input_ids])
+        with torch.no_grad():
+            return bool(_gate_fn(model, gates)(ids, None)[0, -1])
+
+    def gates(request, hp):
+        with torch.no_grad():
+            return make_gates(model, tok, EditRequest.coerce(request), hp)
+
+    # CounterFact record 68: "Lanciano" passes the plain calibrated gate for Gazzola's edit
+    gazzola = {"prompt": "Gazzola is located in the country of", "subject": "Gazzola"}
+    gazzola["target_new"] = "Liberia"
+    stranger = "Lanciano is located in the country of"
+    plain_g, escape_g = gates(gazzola, plain), gates(gazzola, escape)
+    assert [(g.layer, g.requires, g.any_of) for g in escape_g] == [
+        (0, None, ()),  # the word gate (" Gazzola")
+        (4, None, ()),  # lenient: margin 0
+        (4, 1, (0,)),  # strict: 0.05, or the word
+        (15, 2, ()),  # the calibrated query gate
+    ]
+    assert escape_g[2].threshold == pytest.approx(escape_g[1].threshold + 0.05)
+    assert escape_g[1].threshold == pytest.approx(plain_g[0].threshold - 0.02)
+    assert opens(plain_g, stranger) and not opens(escape_g, stranger)
+    assert opens(escape_g, gazzola["prompt"])
+    # WikiData_cf record 116: the alias keeps "Thomas" and "Ahern"; the plain gate shuts it
+    ahern = {
+        "prompt": "The name of the position held by Thomas L. Ahern, Jr. is",
+        "subject": "Thomas L. Ahern, Jr.",
+        "target_new": "Austrian Internuncio in Istanbul",
+    }
+    alias = "The name of the position held by Thomas Ahern is"
+    assert not opens(gates(ahern, plain), alias) and opens(gates(ahern, escape), alias)
