@@ -344,11 +344,19 @@ def collate() -> None:
                     runs.append((variant, json.loads(path.read_text())))
             if not runs:
                 continue
-            # pre-edit figures of the first run listed and of the largest one (their records)
+            # pre-edit figures of the first run listed and of the largest one (their records),
+            # and of each n >= 300 run with fluency (the unedited model's samples, same seeds)
             largest = max(runs, key=lambda run: run[1]["n"])
-            for _, s in [runs[0]] + ([largest] if largest[1]["n"] != runs[0][1]["n"] else []):
+            pre = [("pre-edit", runs[0][1])]
+            pre += [("pre-edit", largest[1])] if largest[1]["n"] != runs[0][1]["n"] else []
+            pre += [
+                (f"pre-edit, records of `{variant}`", s)
+                for variant, s in runs
+                if s["n"] >= 300 and (s["metrics"].get("fluency") or {}).get("pre")
+            ]
+            for label, s in pre:
                 lines.append(
-                    f"| {model} | {dataset} | pre-edit | {s['n']} | "
+                    f"| {model} | {dataset} | {label} | {s['n']} | "
                     + " | ".join(_cell(s["metrics"].get(k), pre=True) for k, _ in COLUMNS)
                     + " | | | | | |"
                 )
@@ -387,7 +395,9 @@ def collate() -> None:
         "before the word escape, `local: default + wording gate at layer 4, 0.88` before that",
         "(fixed query threshold), and the layer-4 whole-word-neighbours row the default before",
         "either. Other `local: default + X` rows are that default with X changed. Pre-edit",
-        "rows: those of the dataset's first run listed and of its largest.",
+        "rows: those of the dataset's first run listed and of its largest, and of each n=300",
+        "run with fluency. `default, with fluency` is the library's default as `edit` resolves",
+        "it (every 'auto'), 300 records per dataset with fluency, on the shared 2-core CPU.",
         "Located-neuron histograms per run (the paper's Figure 4): `quality/plots/`.",
         "",
         header,
