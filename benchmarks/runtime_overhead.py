@@ -69,7 +69,8 @@ DEFAULT_MODEL = "smollm2-135m"
 PATCH_COUNTS = (1, 10, 100, 1000)
 BATCHES = (1, 8)
 NEURONS_PER_PATCH = 20
-FROZEN_TOP = 3  # neurons are drawn from all but the last 3 layers (smollm2-135m: 0..26)
+# neurons are drawn from the layers FiNE may edit: all but its frozen top (smollm2-135m: 0..26)
+FROZEN_TOP = LocalHparams().frozen_layers
 DELTA_SCALE = 1e-3
 TARGETS = {1: 2.0, 1000: 10.0}  # max slowdown % with that many stacked patches
 GATED_COUNTS = (1, 100, 1000)

@@ -703,8 +703,11 @@ def test_smollm2_lenient_escape_opens_an_alias_sharing_a_word_and_shuts_a_strang
             return make_gates(model, tok, EditRequest.coerce(request), hp)
 
     # CounterFact record 68: "Lanciano" passes the plain calibrated gate for Gazzola's edit
-    gazzola = {"prompt": "Gazzola is located in the country of", "subject": "Gazzola"}
-    gazzola["target_new"] = "Liberia"
+    gazzola = {
+        "prompt": "Gazzola is located in the country of",
+        "subject": "Gazzola",
+        "target_new": "Liberia",
+    }
     stranger = "Lanciano is located in the country of"
     plain_g, escape_g = gates(gazzola, plain), gates(gazzola, escape)
     assert [(g.layer, g.requires, g.any_of) for g in escape_g] == [
