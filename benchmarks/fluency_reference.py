@@ -10,6 +10,11 @@ the new answer (an edit that fires again later makes it repeat).
     neuronpatch eval --data ZsRE.json --method fine --n 40 -o runs/flu40/fine
     neuronpatch eval --data ZsRE.json --n 40 -o runs/flu40/local
     python benchmarks/fluency_reference.py runs/flu40/fine runs/flu40/local --out NAME
+
+Without runs, ``--data PATH --n N [--model M]`` gives the two reference rows alone (pre-edit
+and the new answer given) for the first N records, the same prompts and seed as ``eval``:
+the floor for a quality row whose per-record samples are not at hand. Samples are drawn 16 at
+a time (``metrics.sample_texts``: each equal to its sample alone up to rounding).
 """
 
 from __future__ import annotations
@@ -19,21 +24,66 @@ import json
 from pathlib import Path
 
 import neuronpatch
-from neuronpatch.metrics import mean_ci, ngram_entropy, sample_text
+from neuronpatch.metrics import mean_ci, ngram_entropy, sample_texts
+
+BATCH = 16  # samples drawn together (sample_texts: equal to one at a time up to rounding)
 
 HERE = Path(__file__).resolve().parent
 
 
+def _batched(model, tokenizer, prompts: list[str], seed: int, length: int, desc: str) -> list[str]:
+    from tqdm import tqdm
+
+    texts: list[str] = []
+    for start in tqdm(range(0, len(prompts), BATCH), desc, unit="batch"):
+        texts += sample_texts(model, tokenizer, prompts[start : start + BATCH], seed, length)
+    return texts
+
+
+def _unedited_rows(args: argparse.Namespace) -> list[dict]:
+    """Pre-edit samples of the first ``args.n`` records, shaped like ``eval``'s records."""
+    from neuronpatch.evaluate import FLUENCY_LENGTH
+
+    model, tokenizer = neuronpatch.load_model(args.model)
+    model.eval()
+    records = neuronpatch.load_records(args.data)[: args.n]
+    prompts = [r.request.prompt for r in records]
+    texts = _batched(model, tokenizer, prompts, args.seed, FLUENCY_LENGTH, "pre-edit")
+    rows = []
+    for record, text in zip(records, texts, strict=True):
+        rows.append(
+            {
+                "record_id": record.record_id,
+                "model": args.model,
+                "seed": args.seed,
+                "fluency_length": FLUENCY_LENGTH,
+                "request": {
+                    "prompt": record.request.prompt,
+                    "target_new": record.request.target_new,
+                },
+                "pre": {"fluency": ngram_entropy(text)},
+                "texts": {"pre": text},
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="eval output folders, same records")
+    parser.add_argument("runs", nargs="*", type=Path, help="eval output folders, same records")
+    parser.add_argument("--data", type=Path, help="without runs: a benchmark file")
+    parser.add_argument("--n", type=int, default=300, help="without runs: its first N records")
+    parser.add_argument("--model", default="smollm2-135m", help="without runs: the model")
+    parser.add_argument("--seed", type=int, default=0, help="without runs: the sample seed")
     parser.add_argument("--out", default="fluency_reference", help="results/NAME.json/.md")
     args = parser.parse_args()
+    if not args.runs and args.data is None:
+        parser.error("give eval output folders, or --data PATH for the reference rows alone")
     runs = {
         path.name: [json.loads(line) for line in (path / "records.jsonl").read_text().splitlines()]
         for path in args.runs
     }
-    first = next(iter(runs.values()))
+    first = next(iter(runs.values())) if runs else _unedited_rows(args)
     ids = [r["record_id"] for r in first]
     for name, rows in runs.items():
         if [r["record_id"] for r in rows] != ids or "texts" not in rows[0]:
@@ -41,14 +91,9 @@ def main() -> None:
     model, tokenizer = neuronpatch.load_model(first[0]["model"])
     model.eval()
     seed, length = first[0]["seed"], first[0]["fluency_length"]
-    forced, texts = [], []
-    for row in first:
-        request = row["request"]
-        text = sample_text(
-            model, tokenizer, f"{request['prompt']} {request['target_new'].strip()}", seed, length
-        )
-        texts.append(text)
-        forced.append(100 * ngram_entropy(text))
+    given = [f"{r['request']['prompt']} {r['request']['target_new'].strip()}" for r in first]
+    texts = _batched(model, tokenizer, given, seed, length, "new answer given")
+    forced = [100 * ngram_entropy(text) for text in texts]
 
     def mentions(text: str, row: dict) -> int:
         return text.count(row["request"]["target_new"].strip())

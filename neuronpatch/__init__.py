@@ -12,7 +12,16 @@ from .local import LocalHparams
 from .models import load_model
 from .patch import BaseModelInfo, LayerDelta, Patch
 from .request import EditRequest
-from .runtime import applied, applied_patches, apply, is_merged, merge, remove, unmerge
+from .runtime import (
+    applied,
+    applied_patches,
+    applied_per_row,
+    apply,
+    is_merged,
+    merge,
+    remove,
+    unmerge,
+)
 
 __all__ = [
     "BaseModelInfo",
@@ -28,6 +37,7 @@ __all__ = [
     "__version__",
     "applied",
     "applied_patches",
+    "applied_per_row",
     "apply",
     "calibrate_stack",
     "edit",

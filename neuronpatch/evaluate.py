@@ -45,9 +45,11 @@ from .metrics import (
     ngram_entropy,
     pad_token_id,
     sample_text,
+    sample_texts,
     token_accuracy,
 )
-from .runtime import applied
+from .patch import Patch
+from .runtime import applied, applied_patches, applied_per_row
 from .tokens import TeacherForced, teacher_forced
 
 FLUENCY_LENGTH = 100  # tokens in all, prompt included, as EasyEdit generates for fluency
@@ -90,7 +92,9 @@ def evaluate(
     ``hparams`` is the method's hyperparameter dataclass or a dict of overrides. With
     ``out_dir``, records already in its ``records.jsonl`` are not redone. ``batch_size``
     sequences are scored per forward pass; ``edit_batch_size`` > 1 optimises that many edits
-    together (``neuronpatch.edit``: each equal to its edit alone up to rounding).
+    together (``neuronpatch.edit``: each equal to its edit alone up to rounding) and draws the
+    fluency samples of each chunk of records as one batch, before and after (each record's
+    under its own patch: ``runtime.applied_per_row``), equal to one at a time up to rounding.
     """
     hp = (
         make_hparams(method, None, **hparams)
@@ -132,14 +136,39 @@ def evaluate(
     with bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
+            # the chunk's fluency samples drawn as one batch (per-row patches need a bare model)
+            together = fluency and len(part) > 1 and not applied_patches(model)
             befores = [
-                _before(model, tokenizer, r, fluency, seed, fluency_length, batch_size)
+                _before(
+                    model, tokenizer, r, fluency and not together, seed, fluency_length, batch_size
+                )
                 for r in part
             ]
+            if together:
+                prompts = [r.request.prompt for r in part]
+                for before, text in zip(
+                    befores, _samples(model, tokenizer, prompts, seed, fluency_length), strict=True
+                ):
+                    before["texts"]["pre"] = text
+                    before["pre"]["fluency"] = ngram_entropy(text)
             outcomes = edit_each(
                 model, tokenizer, [r.request for r in part], method, hp, batch_size=edit_batch_size
             )
-            for record, before, outcome in zip(part, befores, outcomes, strict=True):
+            posts: dict[int, str] = {}
+            if together:  # each edit's sample under its own patch, all in one batch
+                ok = [i for i, o in enumerate(outcomes) if o.error is None]
+                texts = _samples(
+                    model,
+                    tokenizer,
+                    [part[i].request.prompt for i in ok],
+                    seed,
+                    fluency_length,
+                    [outcomes[i].patch for i in ok],
+                )
+                posts = dict(zip(ok, texts, strict=True))
+            for i, (record, before, outcome) in enumerate(
+                zip(part, befores, outcomes, strict=True)
+            ):
                 result = {
                     "record_id": record.record_id,
                     "request": record.request.to_dict(),
@@ -148,7 +177,15 @@ def evaluate(
                 }
                 result.update(
                     _after(
-                        model, tokenizer, record, before, outcome, seed, fluency_length, batch_size
+                        model,
+                        tokenizer,
+                        record,
+                        before,
+                        outcome,
+                        seed,
+                        fluency_length,
+                        batch_size,
+                        posts.get(i),
                     )
                 )
                 done[record.record_id] = result
@@ -226,9 +263,11 @@ def _after(
     seed: int,
     fluency_length: int,
     batch_size: int,
+    post_text: str | None = None,
 ) -> dict[str, Any]:
     """The record's result: its edit's scores with the patch applied (``_before``'s sequences),
-    and the edit's cost; or an ``error`` if the request itself was at fault."""
+    and the edit's cost; or an ``error`` if the request itself was at fault. ``post_text``: its
+    fluency sample, already drawn with the patch (``_samples``)."""
     if outcome.error is not None:
         if not isinstance(outcome.error, InvalidRequestError):
             raise outcome.error
@@ -244,8 +283,11 @@ def _after(
             )
             post = _scores(groups, post_ids, before["pre_ids"])
             if texts:
-                prompt = record.request.prompt
-                texts["post"] = sample_text(model, tokenizer, prompt, seed, fluency_length)
+                texts["post"] = (
+                    post_text
+                    if post_text is not None
+                    else sample_text(model, tokenizer, record.request.prompt, seed, fluency_length)
+                )
                 post["fluency"] = ngram_entropy(texts["post"])
     finally:
         model.train(was_training)
@@ -272,6 +314,26 @@ def _after(
     if texts:
         result["texts"] = texts
     return result
+
+
+def _samples(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    seed: int,
+    fluency_length: int,
+    patches: list[Patch] | None = None,
+) -> list[str]:
+    """Fluency samples of ``prompts`` in one batch, row i under ``patches[i]`` if given."""
+    was_training = model.training
+    model.eval()
+    try:
+        if patches is None:
+            return sample_texts(model, tokenizer, prompts, seed, fluency_length)
+        with applied_per_row(model, patches):
+            return sample_texts(model, tokenizer, prompts, seed, fluency_length)
+    finally:
+        model.train(was_training)
 
 
 def _sequences(tokenizer, record: EditRecord) -> dict[str, list[TeacherForced]]:
@@ -614,8 +676,9 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="B",
-        help="optimise up to B records' edits together (default 1: one at a time): faster, each "
-        "edit equal to its edit alone up to floating-point rounding",
+        help="optimise up to B records' edits together (default 1: one at a time), and draw "
+        "their fluency samples as one batch: faster, each edit and sample equal to its own "
+        "alone up to floating-point rounding",
     )
     p.add_argument(
         "-o",

@@ -189,6 +189,69 @@ def sample_text(
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
+@torch.no_grad()
+def sample_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    seed: int = 0,
+    max_length: int = 100,
+    top_k: int = 5,
+) -> list[str]:
+    """``sample_text`` of every prompt, generated together in one left-padded batch.
+
+    Each row draws from its own generator seeded with ``seed``, so row ``i`` is
+    ``sample_text(model, tokenizer, prompts[i], seed, ...)`` up to floating-point rounding
+    (batched matmuls round differently; a draw that lands on a boundary can then differ).
+    Several times faster on a CPU, where one-token steps are bound by reading the weights.
+    Under ``runtime.applied_per_row`` row ``i`` is sampled with patch ``i``.
+    """
+    if not prompts:
+        return []
+    device = device_of(model)
+    encoded = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]  # [P_i] each
+    width = max(len(e) for e in encoded)
+    pad = pad_token_id(tokenizer)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, P]
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, P]
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e) :], mask[row, width - len(e) :] = e, 1
+    ids, mask = ids.to(device), mask.to(device)
+    generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
+    cache_name = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+    steps = max_length - min(len(e) for e in encoded)  # rows with longer prompts stop sooner
+    step_input, positions, cache, drawn = ids, (mask.cumsum(-1) - 1).clamp(min=0), None, []
+    for _ in range(max(steps, 0)):
+        out = model(
+            input_ids=step_input,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        cache = getattr(out, cache_name)
+        top = out.logits[:, -1].float().softmax(-1).topk(top_k)  # [B, k]
+        choice = torch.cat(
+            [
+                torch.multinomial(values / values.sum(), 1, generator=g)
+                for values, g in zip(top.values, generators, strict=True)
+            ]
+        )  # [B]
+        step_input = top.indices.gather(1, choice[:, None])  # [B, 1]
+        drawn.append(step_input)
+        mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)  # [B, P + t]
+        positions = positions[:, -1:] + 1  # [B, 1]
+    new = torch.cat(drawn, dim=1) if drawn else ids[:, :0]  # [B, steps]
+    texts = []
+    for e, row in zip(encoded, new, strict=True):
+        full = torch.cat([e.to(device), row[: max(max_length - len(e), 0)]])
+        text = tokenizer.decode(full, skip_special_tokens=True)
+        texts.append(unicodedata.normalize("NFKD", text).replace("\n\n", " "))
+    return texts
+
+
 def fluency(
     model: nn.Module, tokenizer, prompt: str, seed: int = 0, max_length: int = 100
 ) -> float:

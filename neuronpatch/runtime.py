@@ -13,6 +13,10 @@ computes which gates are open at each position (``gates.GateBank``), and the lay
 fold multiplies each row's activation by its gate: ``m' += (q[..., idx_g] * open[..., col]) @ D_g``.
 A pre-hook on the decoder resets the gates' state at the start of every new sequence and
 keeps it across KV-cache steps.
+
+``applied_per_row`` is the scoring form: patch ``i`` acts on batch row ``i`` only, so one
+batched forward pass (or one batched generation) scores many separate edits. Its rows are not
+folded: each keeps its owner row and gate column, ``m'[b] += (q[b][..., idx] * mask[b]) @ D``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -37,6 +41,7 @@ from .errors import (
     MergedStateError,
     PatchAlreadyAppliedError,
     PatchNotAppliedError,
+    PatchStateError,
 )
 from .gates import GateBank
 from .patch import Gate, Patch
@@ -60,6 +65,16 @@ class _GatedFold:
     neuron_indices: torch.Tensor  # int64 [n]
     deltas: torch.Tensor  # [n, hidden]
     columns: torch.Tensor  # int64 [n]: each row's gate, a column of _GateState.open
+
+
+@dataclass
+class _RowFold:
+    """One layer's rows of every patch applied per batch row (``applied_per_row``)."""
+
+    neuron_indices: torch.Tensor  # int64 [n]
+    deltas: torch.Tensor  # [n, hidden]
+    owners: torch.Tensor  # int64 [n]: the batch row each row's patch acts on
+    columns: torch.Tensor  # int64 [n]: the row's gate column in _GateState.open; -1: ungated
 
 
 @dataclass
@@ -100,6 +115,10 @@ class _State:
     hooks: dict[int, RemovableHandle] = field(default_factory=dict)
     # layer -> (neuron_indices, original W_out directions [n, hidden]) while merged
     merged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # applied_per_row: patch i acts on batch row i only, its rows kept apart in ``rows``
+    per_row: bool = False
+    rows: dict[int, _RowFold] = field(default_factory=dict)
+    batch: int | None = None  # per_row: the batch size of the forward pass under way
 
 
 def _state(model: nn.Module) -> _State | None:
@@ -170,6 +189,7 @@ def apply(
         raise MergedStateError(
             "the model's patches are merged into its weights; call unmerge(model) first"
         )
+    _refuse_per_row(state, "apply more patches")
     loaded = [load_patch(p) for p in _flatten(patches)]
     arch = state.arch if state is not None else resolve(model)
     needs_fp = any(p.base_fingerprint is not None for p in loaded)
@@ -191,6 +211,66 @@ def apply(
     return model
 
 
+def _refuse_per_row(state: _State | None, action: str) -> None:
+    if state is not None and state.per_row:
+        raise PatchStateError(
+            f"cannot {action} inside applied_per_row(): its patches act on one batch row each; "
+            "leave the with-block first"
+        )
+
+
+@contextmanager
+def applied_per_row(
+    model: nn.Module, patches: Sequence[PatchLike], force: bool = False
+) -> Iterator[nn.Module]:
+    """Patch ``i`` on batch row ``i`` only, for the duration of a ``with`` block.
+
+    For scoring many separate edits in one batch: row ``i`` of every forward pass (and every
+    KV-cache step) sees the model as ``applied(model, patches[i])`` would make it, up to
+    floating-point rounding (rows are not folded); rows without a patch run unedited. The
+    model must have no patches applied.
+    """
+    state = _state(model)
+    if state is not None and (state.patches or state.merged is not None):
+        raise PatchStateError(
+            "applied_per_row() needs a model without patches; remove(model) first "
+            f"(applied: {[p.label for p in state.patches]})"
+        )
+    loaded = [load_patch(p) for p in patches]
+    arch = state.arch if state is not None else resolve(model)
+    needs_fp = any(p.base_fingerprint is not None for p in loaded)
+    model_fp = fingerprint.compute(arch) if needs_fp else None
+    for patch in loaded:
+        check_compatible(patch, arch, model_fp, force)
+    state = _State(arch, patches=loaded, per_row=True)
+    model.__dict__[_STATE_ATTR] = state
+    # the batch size of the pass under way, for architectures that flatten [B, T] (OPT)
+    decoder = arch.decoder
+    batch = (
+        decoder.register_forward_pre_hook(_note_batch(state), with_kwargs=True)
+        if decoder is not None
+        else None
+    )
+    try:
+        _refold(state, {layer for p in loaded for layer in p.layers}, gated=_any_gated(loaded))
+        yield model
+    finally:
+        if batch is not None:
+            batch.remove()
+        _refold(state, set(state.rows), drop=list(state.patches), gated=True)
+        model.__dict__.pop(_STATE_ATTR, None)
+
+
+def _note_batch(state: _State):
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        state.batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
+
+    return pre_hook
+
+
 def _any_gated(patches: Iterable[Patch]) -> bool:
     return any(p.gates for p in patches)
 
@@ -202,6 +282,7 @@ def remove(model: nn.Module, patch: PatchLike | None = None) -> nn.Module:
         raise MergedStateError(
             "the model's patches are merged into its weights; call unmerge(model) first"
         )
+    _refuse_per_row(state, "remove patches")
     if patch is None:
         if state is not None:
             everything = set(state.folds) | set(state.gated)
@@ -269,6 +350,7 @@ def merge(model: nn.Module) -> nn.Module:
     state = _state(model)
     if state is None or state.merged is not None:
         return model
+    _refuse_per_row(state, "merge")
     gated = [p.label for p in state.patches if p.is_gated]
     if gated:
         raise GatedPatchError(
@@ -337,6 +419,9 @@ def _refold(
             | set(state.gated)
             | {layer for p in state.patches if p.gates for layer in p.layers}
         )
+    if state.per_row:
+        _refold_rows(state, layers, columns)
+        return
     for layer in sorted(layers):
         ungated, gated_rows = [], []
         for position, patch in enumerate(state.patches):
@@ -371,6 +456,38 @@ def _refold(
         if has_rows and layer not in state.hooks:
             state.hooks[layer] = state.arch.w_out[layer].register_forward_hook(_hook(state, layer))
         elif not has_rows and layer in state.hooks:
+            state.hooks.pop(layer).remove()
+
+
+def _refold_rows(state: _State, layers: set[int], columns: dict[tuple[int, int], int]) -> None:
+    """``_refold`` for ``applied_per_row``: every row kept, tagged with its owner row."""
+    for layer in sorted(layers):
+        idx, deltas, owners, cols = [], [], [], []
+        for position, patch in enumerate(state.patches):
+            ld = patch.layers.get(layer)
+            if ld is None or not len(ld.neuron_indices):
+                continue
+            gate_ids = (
+                ld.gate_ids.tolist() if ld.gate_ids is not None else [-1] * len(ld.neuron_indices)
+            )
+            idx.append(ld.neuron_indices)
+            deltas.append(ld.deltas.float())
+            owners += [position] * len(gate_ids)
+            cols += [-1 if g < 0 else columns[(position, g)] for g in gate_ids]
+        weight = state.arch.w_out[layer].weight
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        if idx:
+            state.rows[layer] = _RowFold(
+                torch.cat(idx).to(device),
+                torch.cat(deltas).to(device, weight.dtype),
+                torch.tensor(owners, device=device),
+                torch.tensor(cols, device=device),
+            )
+        else:
+            state.rows.pop(layer, None)
+        if idx and layer not in state.hooks:
+            state.hooks[layer] = state.arch.w_out[layer].register_forward_hook(_hook(state, layer))
+        elif not idx and layer in state.hooks:
             state.hooks.pop(layer).remove()
 
 
@@ -538,6 +655,8 @@ def _gate_hook(gates: _GateState, layer: int, lowest: int):
 def _hook(state: _State, layer: int):
     def add_patch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         q = args[0]  # [..., intermediate]
+        if state.per_row:
+            return output + _per_row_delta(state, state.rows[layer], q)
         fold = state.folds.get(layer)
         if fold is not None:
             output = (
@@ -551,3 +670,23 @@ def _hook(state: _State, layer: int):
         return output
 
     return add_patch
+
+
+def _per_row_delta(state: _State, rows: _RowFold, q: torch.Tensor) -> torch.Tensor:
+    """What ``applied_per_row``'s rows add to one layer's output: row j on batch row owner[j]."""
+    if q.dim() == 2 and state.batch:  # OPT flattens [B*T, intermediate]
+        flat = _per_row_delta(state, rows, q.reshape(state.batch, -1, q.shape[-1]))
+        return flat.reshape(q.shape[0], -1)  # [B*T, hidden]
+    if q.dim() != 3:
+        raise PatchStateError(
+            f"applied_per_row() needs W_out inputs shaped [batch, seq, intermediate], got "
+            f"{tuple(q.shape)}; score edits one at a time with applied() instead"
+        )
+    batch = torch.arange(q.shape[0], device=q.device)
+    mask = (batch[:, None] == rows.owners)[:, None, :]  # [B, 1, n]
+    if state.gates is not None and bool((rows.columns >= 0).any()):
+        open_ = state.gates.open  # [B, T, count]
+        always = torch.ones_like(open_[..., :1])  # [B, T, 1]: the column of ungated rows
+        cols = torch.where(rows.columns < 0, state.gates.count, rows.columns)  # [n]
+        mask = mask & torch.cat([open_, always], dim=-1)[..., cols]  # [B, T, n]
+    return (q[..., rows.neuron_indices] * mask.to(q.dtype)) @ rows.deltas  # [B, T, hidden]

@@ -348,6 +348,20 @@ def test_batched_edits_score_like_single_ones(tiny, records, tmp_path):
         evaluate(model, tok, records, edit_batch_size=0, **kwargs)
 
 
+def test_batched_fluency_samples_equal_single_ones(tiny, records, tmp_path):
+    # a chunk's samples are drawn as one batch, after the edits each under its own patch
+    model, tok = tiny
+    strong = {**FAST, "lr": 0.5, "max_steps": 10}  # edits that show in the samples
+    kwargs = dict(method="fine", hparams=strong, progress=False, fluency_length=24)
+    evaluate(model, tok, records, out_dir=tmp_path / "a", **kwargs)
+    evaluate(model, tok, records, out_dir=tmp_path / "b", edit_batch_size=2, **kwargs)
+    a, b = _lines(tmp_path / "a" / "records.jsonl"), _lines(tmp_path / "b" / "records.jsonl")
+    assert [r["texts"] for r in b] == [r["texts"] for r in a]
+    assert [r["post"]["fluency"] for r in b] == [r["post"]["fluency"] for r in a]
+    assert [r["pre"]["fluency"] for r in b] == [r["pre"]["fluency"] for r in a]
+    assert any(r["texts"]["post"] != r["texts"]["pre"] for r in a)  # the edits show in them
+
+
 def test_repeated_record_ids_are_refused(tiny, records):
     model, tok = tiny
     with pytest.raises(EvaluationError, match="unique"):
