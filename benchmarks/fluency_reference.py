@@ -68,6 +68,36 @@ def _unedited_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _edited_given(model, tokenizer, rows: list[dict], given: list[str]) -> list[str]:
+    """Each record edited again as its run did, sampling from its prompt and new answer.
+
+    Separates what an edit's own answer costs from what it leaves behind: the edited model is
+    handed the same text as the reference, so any loss beside the reference comes from the
+    patch's effect on the positions after the answer (through its rows there, or the changed
+    residuals at the answer that later positions attend to)."""
+    from tqdm import tqdm
+
+    from neuronpatch.editor import edit_each, make_hparams
+    from neuronpatch.request import EditRequest
+    from neuronpatch.runtime import applied_per_row
+
+    method = rows[0]["method"]
+    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in rows[0]["hparams"].items()}
+    hp = make_hparams(method, None, **hparams)
+    seed, length = rows[0]["seed"], rows[0]["fluency_length"]
+    texts, same = [], 0
+    for start in tqdm(range(0, len(rows), BATCH), "edited, answer given", unit="batch"):
+        part = rows[start : start + BATCH]
+        requests = [EditRequest.coerce(r["request"]) for r in part]
+        patches = [o.patch for o in edit_each(model, tokenizer, requests, method, hp, batch_size=8)]
+        with applied_per_row(model, patches):
+            free = sample_texts(model, tokenizer, [r.prompt for r in requests], seed, length)
+            texts += sample_texts(model, tokenizer, given[start : start + BATCH], seed, length)
+        same += sum(f == r["texts"]["post"] for f, r in zip(free, part, strict=True))
+    print(f"edited again: {same} of {len(rows)} free samples equal the run's")
+    return texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, help="eval output folders, same records")
@@ -76,6 +106,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="without runs: the model")
     parser.add_argument("--seed", type=int, default=0, help="without runs: the sample seed")
     parser.add_argument("--out", default="fluency_reference", help="results/NAME.json/.md")
+    parser.add_argument(
+        "--show", type=int, default=0, help="print the K records each run loses most on"
+    )
+    parser.add_argument(
+        "--edit",
+        action="store_true",
+        help="with runs: edit the first run's records again (its method and hparams) and add "
+        "the edited model sampling after the new answer given, as the reference does",
+    )
     args = parser.parse_args()
     if not args.runs and args.data is None:
         parser.error("give eval output folders, or --data PATH for the reference rows alone")
@@ -95,6 +134,8 @@ def main() -> None:
     texts = _batched(model, tokenizer, given, seed, length, "new answer given")
     forced = [100 * ngram_entropy(text) for text in texts]
 
+    edited_given = _edited_given(model, tokenizer, first, given) if args.edit else None
+
     def mentions(text: str, row: dict) -> int:
         return text.count(row["request"]["target_new"].strip())
 
@@ -108,6 +149,11 @@ def main() -> None:
             [mentions(t, r) for t, r in zip(texts, first, strict=True)],
         ),
     }
+    if edited_given is not None:
+        table["edited model, new answer given"] = (
+            [100 * ngram_entropy(t) for t in edited_given],
+            [mentions(t, r) for t, r in zip(edited_given, first, strict=True)],
+        )
     for name, rows in runs.items():
         method = rows[0]["method"]
         table[method if name == method else f"{method} ({name})"] = (
@@ -115,6 +161,22 @@ def main() -> None:
             [mentions(r["texts"]["post"], r) for r in rows],
         )
     pre = sum(table["pre-edit"][0]) / len(first)
+    answered = {  # the sample gives the new answer right after the prompt, as the reference does
+        name: sum(
+            r["texts"]["post"].startswith(
+                f"{r['request']['prompt']} {r['request']['target_new'].strip()}"
+            )
+            for r in rows
+        )
+        for name, rows in runs.items()
+    }
+    for name, rows in runs.items():
+        gap = [100 * r["post"]["fluency"] - f for r, f in zip(rows, forced, strict=True)]
+        worst = sorted(range(len(rows)), key=lambda i: gap[i])[: args.show]
+        for i in worst:
+            print(f"\n--- {name}, record {rows[i]['record_id']}: {gap[i]:+.1f} vs reference")
+            print("edited:   ", rows[i]["texts"]["post"].replace("\n", " | "))
+            print("reference:", texts[i].replace("\n", " | "))
     summary = {
         "model": first[0]["model"],
         "n": len(first),
@@ -129,6 +191,13 @@ def main() -> None:
             for name, (values, counts) in table.items()
         },
     }
+    for name, rows in runs.items():
+        method = rows[0]["method"]
+        row = summary["rows"][method if name == method else f"{method} ({name})"]
+        row["vs_reference"] = mean_ci(
+            [100 * r["post"]["fluency"] - f for r, f in zip(rows, forced, strict=True)]
+        )
+        row["answered_at_once"] = answered[name]
     out = HERE / "results" / args.out
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     lines = [
@@ -139,14 +208,18 @@ def main() -> None:
         "model sampling from the prompt followed by the new answer. Mentions: how often the "
         "sample names the new answer. `benchmarks/fluency_reference.py` says how.",
         "",
-        "| row | fluency (95 % CI) | vs pre-edit | answer mentions | samples naming it 3+ times |",
-        "|---|---|---|---|---|",
+        "| row | fluency (95 % CI) | vs pre-edit | minus the reference, paired (95 % CI) "
+        "| new answer right after the prompt | answer mentions | samples naming it 3+ times |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["rows"].items():
         mean, low, high = row["fluency"]
+        paired = row.get("vs_reference")
         lines.append(
-            f"| {name} | {mean:.1f} [{low:.1f}, {high:.1f}] | {row['vs_pre_percent']:+.1f} % "
-            f"| {row['answer_mentions_mean']:.2f} | {row['records_with_3_or_more']} |"
+            f"| {name} | {mean:.1f} [{low:.1f}, {high:.1f}] | {row['vs_pre_percent']:+.1f} % | "
+            + (f"{paired[0]:+.1f} [{paired[1]:+.1f}, {paired[2]:+.1f}]" if paired else "")
+            + f" | {row.get('answered_at_once', '')} | {row['answer_mentions_mean']:.2f} "
+            f"| {row['records_with_3_or_more']} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
