@@ -584,6 +584,7 @@ def _fine_loss(
     hp: FineHparams,
     target_logp: torch.Tensor,
     start: int = 0,
+    orig_after: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FiNE's loss for one edit sequence: ``logp`` [S - start, vocab] edited from position
     ``start`` on, ``orig_logp`` [P-1, vocab] unedited on the prompt, ``target_logp`` [T] the
@@ -591,7 +592,9 @@ def _fine_loss(
 
     With ``start`` > 0 the positions before it are left out: the caller guarantees that the
     deltas do not reach them (a gate still shut there), so their KL terms are 0; the KL is
-    still the mean over the prompt's P-1 positions."""
+    still the mean over the prompt's P-1 positions. ``orig_after`` [vocab]: the unedited
+    log-probabilities after the answer (its last position); given, the KL there is added with
+    weight ``hp.after_answer_kl`` (a ``LocalHparams`` term, not FiNE's)."""
     loss_edit = -target_logp.min()
     if tf.prompt_len - 1 <= start:
         kl = logp.new_zeros(())
@@ -602,7 +605,11 @@ def _fine_loss(
     p_after = logp[-1, tf.answer_ids].exp()  # [T]: repeating the target
     penalty = -torch.log1p(-p_after.clamp(max=1 - 1e-6)).max()
     norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
-    return loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
+    loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
+    if orig_after is not None:  # what follows the answer: as the unedited model, given it
+        after = (orig_after.exp() * (orig_after - logp[-1])).sum()
+        loss = loss + hp.after_answer_kl * after
+    return loss
 
 
 def _optimise(
@@ -654,6 +661,11 @@ def _optimise(
     ):
         # [P-1, vocab]: KL on the prompt but its last position
         orig_logp = F.log_softmax(orig[0, : tf.prompt_len - 1].float(), dim=-1)
+        orig_after = (
+            F.log_softmax(orig[0, length - 1].float(), dim=-1)  # [vocab]
+            if getattr(hp, "after_answer_kl", 0.0)
+            else None
+        )
         if negatives is not None:
             neg_orig = F.log_softmax(orig[1:][kl_mask].float(), dim=-1)  # [M, vocab]
         while True:
@@ -666,7 +678,7 @@ def _optimise(
                 progress(steps, min_prob)
             if float(-target_logp.detach().min()) < stop_nll or steps >= hp.max_steps:
                 break
-            loss = _fine_loss(logp, tf, orig_logp, deltas, hp, target_logp)
+            loss = _fine_loss(logp, tf, orig_logp, deltas, hp, target_logp, 0, orig_after)
             if negatives is not None and len(neg_orig):
                 neg_new = all_logp[1:][kl_mask]  # [M, vocab]
                 neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum(-1).mean()
@@ -754,6 +766,7 @@ class _Admitted:
     start: int  # first position the deltas can reach (its gate's first open one, <= P-1)
     gate: torch.Tensor  # float [S - start]: where the gate is open, from ``start``
     orig_logp: torch.Tensor  # [P-1, vocab]: unedited log-probabilities on the prompt
+    orig_after: torch.Tensor | None  # [vocab]: unedited after the answer (after_answer_kl)
     blocks: list  # the outputs of the blocks below the lowest edited layer, from ``start``
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H, start, d]
 
@@ -815,6 +828,7 @@ def _optimise_batch(
     parameters = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
     stop_nll = -math.log(hp.early_stop_prob)
+    after_kl = bool(getattr(hp, "after_answer_kl", 0.0))
     lengths = [job.tf.input_ids.shape[1] for job in jobs]
     deltas: list[dict[int, torch.Tensor]] = [{} for _ in jobs]
     optimizers: list[torch.optim.Optimizer | None] = [None] * len(jobs)
@@ -839,6 +853,7 @@ def _optimise_batch(
             start,
             gate[start:],
             F.log_softmax(out.logits[0, : job.tf.prompt_len - 1].float(), dim=-1),
+            F.log_softmax(out.logits[0, -1].float(), dim=-1) if after_kl else None,
             [o[:, start:] for o in blocks],
             [(k[:, :, :start], v[:, :, :start]) for k, v, *_ in _cache_of(out)],
         )
@@ -908,7 +923,16 @@ def _optimise_batch(
                     continue
                 going.append(b)
                 losses.append(
-                    _fine_loss(logp, tf, kept[b].orig_logp, deltas[b], hp, target_logp, start)
+                    _fine_loss(
+                        logp,
+                        tf,
+                        kept[b].orig_logp,
+                        deltas[b],
+                        hp,
+                        target_logp,
+                        start,
+                        kept[b].orig_after,
+                    )
                 )
             if progress is not None:
                 progress(step, min(probs))

@@ -242,6 +242,10 @@ class LocalHparams(FineHparams):
     # share a word ("F Ortis" for "Fernanda Ortis"); see make_gates and the README ("auto":
     # as MEASURED for this model, else None)
     strict_margin: float | str | None = AUTO
+    # KL weight at the position after the answer, where the span has shut the gate but the
+    # positions before carry the edit: keeps what follows the new answer as the unedited
+    # model would continue it (fluency); 0: off
+    after_answer_kl: float = 0.0
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation

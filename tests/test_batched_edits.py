@@ -96,6 +96,26 @@ def test_batched_edits_behind_a_chain_of_three_gates_equal_single_edits():
         _assert_close(b, a, atol=1e-5)
 
 
+def test_the_after_answer_term_is_optimised_alike_alone_and_in_a_batch():
+    # a query gate with a span (open on the answer only): the KL after the answer reaches the
+    # deltas only through the positions before it, in both optimisation paths
+    model = build_tiny("llama")
+    spanned = {"gate_key": "query", "gate_layer": 0, "gate_threshold": 0.5, "query_span": "target"}
+    plain = [_edit(model, r, "local", **spanned) for r in REQUESTS]
+    kept = {**spanned, "after_answer_kl": 5.0}
+    alone = [_edit(model, r, "local", **kept) for r in REQUESTS]
+    assert alone[0].hparams["after_answer_kl"] == 5.0
+    changed = [
+        not torch.allclose(a.layers[layer].deltas, p.layers[layer].deltas)
+        for a, p in zip(alone, plain, strict=True)
+        for layer in p.layers
+    ]
+    assert any(changed)  # the term is in the loss
+    batched = _edit(model, REQUESTS, "local", batch_size=2, **kept)
+    for b, a in zip(batched, alone, strict=True):
+        _assert_close(b, a, atol=1e-5)
+
+
 def test_batched_edits_of_a_bf16_model_are_close_to_single_ones():
     model = build_tiny("llama", dtype=torch.bfloat16)
     alone = [_edit(model, r, "local") for r in REQUESTS]
