@@ -184,6 +184,17 @@ VARIANTS = {
         "local",
         {"wording_layer": "auto", "gate_threshold": "auto", "strict_margin": "auto"},
     ),
+    # the same with the KL after the answer (after_answer_kl): the unedited model's next-token
+    # distribution kept where the answer ends (benchmarks/answer_leak.py measures the leak)
+    "default + after-answer KL 10, with fluency": (
+        "local",
+        {
+            "wording_layer": "auto",
+            "gate_threshold": "auto",
+            "strict_margin": "auto",
+            "after_answer_kl": 10.0,
+        },
+    ),
     "KNE": ("kne", {}),
     "KNE, lr 5e-3": ("kne", {"lr": 0.005}),
 }
