@@ -273,6 +273,9 @@ def _keep(work: Path, slug: str) -> None:
     (STORE / f"{slug}.json").write_text((work / slug / "summary.json").read_text())
 
 
+PRE_SAMPLES_ROW = "default, with fluency"
+
+
 def _command(
     model: str,
     dataset: str,
@@ -300,6 +303,11 @@ def _command(
         str(out),
     ]
     cmd += [] if fluency else ["--no-fluency"]
+    # the unedited model's samples are the same for every row of a dataset: taken from the
+    # default's run with fluency where it is in the work folder, not drawn again
+    source = work / _slug(model, dataset, PRE_SAMPLES_ROW)
+    if fluency and variant != PRE_SAMPLES_ROW and (source / "records.jsonl").is_file():
+        cmd += ["--pre-samples-from", str(source)]
     cmd += ["--device", device] if device else []
     cmd += ["--edit-batch-size", str(edit_batch_size)] if edit_batch_size > 1 else []
     method, overrides = VARIANTS[variant]
@@ -413,6 +421,8 @@ def collate() -> None:
         "rows: those of the dataset's first run listed and of its largest, and of each n=300",
         "run with fluency. `default, with fluency` is the library's default as `edit` resolves",
         "it (every 'auto'), 300 records per dataset with fluency, on the shared 2-core CPU.",
+        "Other n=300 rows with fluency took their pre-edit samples from that row's run (`eval",
+        "--pre-samples-from`: the unedited model's samples do not depend on the method).",
         "Located-neuron histograms per run (the paper's Figure 4): `quality/plots/`.",
         "",
         header,

@@ -86,6 +86,7 @@ def evaluate(
     fluency_length: int = FLUENCY_LENGTH,
     batch_size: int = 16,
     edit_batch_size: int = 1,
+    pre_texts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Edit and score every record; returns the summary (and writes it to ``out_dir``).
 
@@ -95,6 +96,9 @@ def evaluate(
     together (``neuronpatch.edit``: each equal to its edit alone up to rounding) and draws the
     fluency samples of each chunk of records as one batch, before and after (each record's
     under its own patch: ``runtime.applied_per_row``), equal to one at a time up to rounding.
+    ``pre_texts``: record id -> its pre-edit fluency sample from an earlier run with the same
+    model, seed and length (``pre_samples_from``); those records are not sampled again before
+    the edit (the unedited model's sample does not depend on the method).
     """
     hp = (
         make_hparams(method, None, **hparams)
@@ -122,6 +126,13 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         done = _resume(out / RECORDS_FILE, config, {r.record_id: r for r in records})
     todo = [r for r in records if r.record_id not in done]
+    pre_texts = dict(pre_texts or {})
+    reused = sum(1 for r in todo if r.record_id in pre_texts) if fluency else 0
+    if pre_texts and applied_patches(model):
+        raise EvaluationError(
+            "pre-edit samples from another run are the bare model's, and this model has "
+            "patches applied: remove them, or sample afresh (no pre_texts)"
+        )
 
     bar = tqdm(
         total=len(records),
@@ -140,17 +151,26 @@ def evaluate(
             together = fluency and len(part) > 1 and not applied_patches(model)
             befores = [
                 _before(
-                    model, tokenizer, r, fluency and not together, seed, fluency_length, batch_size
+                    model,
+                    tokenizer,
+                    r,
+                    fluency and not together and r.record_id not in pre_texts,
+                    seed,
+                    fluency_length,
+                    batch_size,
                 )
                 for r in part
             ]
-            if together:
-                prompts = [r.request.prompt for r in part]
-                for before, text in zip(
-                    befores, _samples(model, tokenizer, prompts, seed, fluency_length), strict=True
-                ):
-                    before["texts"]["pre"] = text
-                    before["pre"]["fluency"] = ngram_entropy(text)
+            if fluency:
+                fresh = [r for r in part if r.record_id not in pre_texts]
+                if together and fresh:
+                    prompts = [r.request.prompt for r in fresh]
+                    texts = _samples(model, tokenizer, prompts, seed, fluency_length)
+                    pre_texts.update(zip([r.record_id for r in fresh], texts, strict=True))
+                for record, before in zip(part, befores, strict=True):
+                    if "pre" not in before["texts"]:
+                        before["texts"]["pre"] = text = pre_texts[record.record_id]
+                        before["pre"]["fluency"] = ngram_entropy(text)
             outcomes = edit_each(
                 model, tokenizer, [r.request for r in part], method, hp, batch_size=edit_batch_size
             )
@@ -200,6 +220,8 @@ def evaluate(
     results = [done[i] for i in ids]
     summary = summarize(results, num_layers=resolve(model).num_layers)
     summary.update(config)
+    if reused:  # this call's records whose pre-edit sample came from an earlier run
+        summary["pre_samples_reused"] = reused
     summary["device"] = _device_name(model)
     if out is not None:
         write_outputs(summary, out)
@@ -425,6 +447,62 @@ def _resume(
             )
         done[result["record_id"]] = result
     return done
+
+
+def pre_samples_from(
+    run_dir: str | Path,
+    model: nn.Module,
+    records: Sequence[EditRecord],
+    *,
+    seed: int = 0,
+    fluency_length: int = FLUENCY_LENGTH,
+) -> dict[str, str]:
+    """The pre-edit fluency samples of ``records`` in an earlier run's ``records.jsonl``.
+
+    The unedited model's sample depends on the model, the prompt, the seed and the length,
+    not on the method: a second method's run on the same records can take them instead of
+    drawing them again (equal up to floating-point rounding, the batch differing). Lines of
+    the run must match on all four, and on the record's request; records it lacks are left
+    out (they are sampled as usual)."""
+    path = Path(run_dir)
+    path = path / RECORDS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise EvaluationError(
+            f"{run_dir}: no {RECORDS_FILE} there; give the output folder of an earlier "
+            "`neuronpatch eval` run with fluency"
+        )
+    wanted = {
+        "model": getattr(model.config, "name_or_path", None),
+        "fluency": True,
+        "fluency_length": fluency_length,
+        "seed": seed,
+    }
+    by_id = {r.record_id: r for r in records}
+    texts = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption: its record is sampled afresh
+        for key, value in wanted.items():
+            if result.get(key) != value:
+                raise EvaluationError(
+                    f"{path}: line {line_no} has {key}={result.get(key)!r}, this run "
+                    f"{value!r}: its pre-edit samples are not this run's. Give a run of the "
+                    "same model, seed and fluency length, with fluency."
+                )
+        record = by_id.get(result.get("record_id"))
+        if record is None or "pre" not in result.get("texts", {}):
+            continue
+        if result.get("request") != record.request.to_dict():
+            raise EvaluationError(
+                f"{path}: line {line_no} is record {result['record_id']!r} of another data "
+                "file: its request differs from this one's. Give a run on the same data file."
+            )
+        texts[record.record_id] = result["texts"]["pre"]
+    return texts
 
 
 # --- summary ---------------------------------------------------------------------------
@@ -681,6 +759,13 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
         "alone up to floating-point rounding",
     )
     p.add_argument(
+        "--pre-samples-from",
+        metavar="DIR",
+        help="take the pre-edit fluency samples from an earlier run's output folder (same "
+        "model, data, seed) instead of drawing them again: the unedited model's samples do "
+        "not depend on the method",
+    )
+    p.add_argument(
         "-o",
         "--output",
         required=True,
@@ -699,6 +784,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise EvaluationError(f"{args.data}: no records to evaluate")
     hparams = _parse_hparams(args.hparam)
     model, tokenizer = _load(args.model, args.device)
+    pre_texts = None
+    if args.pre_samples_from and not args.no_fluency:
+        pre_texts = pre_samples_from(args.pre_samples_from, model, records, seed=args.seed)
+        print(
+            f"{len(pre_texts)} of {len(records)} pre-edit samples from {args.pre_samples_from}",
+            file=sys.stderr,
+        )
     summary = evaluate(
         model,
         tokenizer,
@@ -709,6 +801,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         fluency=not args.no_fluency,
         seed=args.seed,
         edit_batch_size=args.edit_batch_size,
+        pre_texts=pre_texts,
     )
     print(summary_markdown(summary))
     print(f"wrote {Path(args.output).resolve()}", file=sys.stderr)

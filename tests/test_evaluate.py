@@ -19,9 +19,11 @@ from neuronpatch.evaluate import (
     EvaluationError,
     add_eval_subparser,
     evaluate,
+    pre_samples_from,
     summarize,
     summary_markdown,
 )
+from neuronpatch.metrics import ngram_entropy
 from neuronpatch.request import EditRequest
 from neuronpatch.runtime import applied_patches
 
@@ -362,6 +364,79 @@ def test_batched_fluency_samples_equal_single_ones(tiny, records, tmp_path):
     assert any(r["texts"]["post"] != r["texts"]["pre"] for r in a)  # the edits show in them
 
 
+@pytest.fixture
+def count_samples(monkeypatch):
+    """Count the fluency samples the harness draws (prompts, one at a time or batched)."""
+    calls = {"n": 0}
+    one, many = evaluate_module.sample_text, evaluate_module.sample_texts
+
+    def counting_one(model, tokenizer, prompt, *args, **kwargs):
+        calls["n"] += 1
+        return one(model, tokenizer, prompt, *args, **kwargs)
+
+    def counting_many(model, tokenizer, prompts, *args, **kwargs):
+        calls["n"] += len(prompts)
+        return many(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "sample_text", counting_one)
+    monkeypatch.setattr(evaluate_module, "sample_texts", counting_many)
+    return calls
+
+
+@pytest.mark.parametrize("edit_batch_size", [1, 2])
+def test_pre_edit_samples_taken_from_an_earlier_run(
+    tiny, records, tmp_path, count_samples, edit_batch_size
+):
+    # another method's run on the same records draws only its post-edit samples
+    model, tok = tiny
+    kwargs = dict(progress=False, fluency_length=24, edit_batch_size=edit_batch_size)
+    first = dict(method="fine", hparams=FAST, **kwargs)
+    evaluate(model, tok, records[:2], out_dir=tmp_path / "a", **first)
+    source = _lines(tmp_path / "a" / "records.jsonl")
+    # the first record's sample marked, to see that it is taken and not drawn again
+    source[0]["texts"]["pre"] = "marked marked marked"
+    (tmp_path / "a" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in source))
+    pre = pre_samples_from(tmp_path / "a", model, records, fluency_length=24)
+    assert set(pre) == {r.record_id for r in records[:2]}
+
+    count_samples["n"] = 0
+    strong = {**FAST, "lr": 0.5, "max_steps": 10}
+    summary = evaluate(
+        model, tok, records, out_dir=tmp_path / "b", method="fine", hparams=strong,
+        pre_texts=pre, **kwargs,
+    )  # fmt: skip
+    # 2 post-edit samples per record, and one pre-edit for the record the source lacks
+    assert count_samples["n"] == len(records) + 1
+    assert summary["pre_samples_reused"] == 2
+    b = _lines(tmp_path / "b" / "records.jsonl")
+    assert b[0]["texts"]["pre"] == "marked marked marked"
+    assert b[0]["pre"]["fluency"] == pytest.approx(ngram_entropy("marked marked marked"))
+    assert b[1]["texts"]["pre"] == source[1]["texts"]["pre"]
+    # the rest as a fresh run of the same method draws them
+    evaluate(model, tok, records, out_dir=tmp_path / "c", method="fine", hparams=strong, **kwargs)
+    c = _lines(tmp_path / "c" / "records.jsonl")
+    assert [r["texts"]["post"] for r in b] == [r["texts"]["post"] for r in c]
+    assert [r["texts"]["pre"] for r in b[1:]] == [r["texts"]["pre"] for r in c[1:]]
+
+
+def test_pre_edit_samples_of_another_run_are_refused(tiny, records, tmp_path):
+    model, tok = tiny
+    kwargs = dict(method="fine", hparams=FAST, progress=False, fluency_length=24)
+    evaluate(model, tok, records[:1], out_dir=tmp_path / "a", **kwargs)
+    with pytest.raises(EvaluationError, match="records.jsonl"):
+        pre_samples_from(tmp_path / "nowhere", model, records)
+    with pytest.raises(EvaluationError, match="seed=0, this run 1"):
+        pre_samples_from(tmp_path / "a", model, records, seed=1, fluency_length=24)
+    with pytest.raises(EvaluationError, match="fluency_length"):
+        pre_samples_from(tmp_path / "a", model, records)  # the default length, not 24
+    other = [EditRecord(records[1].request, record_id=records[0].record_id)]
+    with pytest.raises(EvaluationError, match="another data file"):
+        pre_samples_from(tmp_path / "a", model, other, fluency_length=24)
+    evaluate(model, tok, records[:1], out_dir=tmp_path / "n", fluency=False, **kwargs)
+    with pytest.raises(EvaluationError, match="fluency=False"):
+        pre_samples_from(tmp_path / "n", model, records, fluency_length=24)
+
+
 def test_repeated_record_ids_are_refused(tiny, records):
     model, tok = tiny
     with pytest.raises(EvaluationError, match="unique"):
@@ -395,6 +470,28 @@ def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
     assert "| Edit Succ |" in printed
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n"] == 2 and summary["hparams"]["max_steps"] == 2 and not summary["fluency"]
+
+
+def test_eval_command_takes_pre_edit_samples(tiny, records, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    data = tmp_path / "knowedit.json"  # written by the records fixture
+    monkeypatch.setattr(neuronpatch.cli, "_load", lambda name, device=None: (model, tok))
+    parser = argparse.ArgumentParser()
+    add_eval_subparser(parser.add_subparsers(dest="command"))
+    common = ["eval", "--data", str(data), "--n", "2", "--method", "fine"]
+    common += ["--hparam", "max_steps=2", "--hparam", "frozen_layers=1"]
+    args = parser.parse_args([*common, "-o", str(tmp_path / "a")])
+    assert args.func(args) == 0
+    args = parser.parse_args(
+        [*common, "--hparam", "lr=0.5", "--pre-samples-from", str(tmp_path / "a")]
+        + ["-o", str(tmp_path / "b")]
+    )
+    assert args.func(args) == 0
+    assert "2 of 2 pre-edit samples from" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["pre_samples_reused"] == 2 and summary["hparams"]["lr"] == 0.5
+    a, b = (_lines(tmp_path / d / "records.jsonl") for d in "ab")
+    assert [r["texts"]["pre"] for r in b] == [r["texts"]["pre"] for r in a]
 
 
 # --- end to end on the embedded model --------------------------------------------------
