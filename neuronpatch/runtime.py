@@ -190,13 +190,10 @@ def apply(
             "the model's patches are merged into its weights; call unmerge(model) first"
         )
     _refuse_per_row(state, "apply more patches")
-    loaded = [load_patch(p) for p in _flatten(patches)]
     arch = state.arch if state is not None else resolve(model)
-    needs_fp = any(p.base_fingerprint is not None for p in loaded)
-    model_fp = fingerprint.compute(arch) if needs_fp else None
+    loaded = _checked(_flatten(patches), arch, force)
     seen = {p.patch_id: p for p in (state.patches if state is not None else [])}
     for patch in loaded:
-        check_compatible(patch, arch, model_fp, force)
         if patch.patch_id in seen:
             raise PatchAlreadyAppliedError(
                 f"{patch.label} is already applied (same content as {seen[patch.patch_id].label}); "
@@ -209,6 +206,16 @@ def apply(
     state.patches.extend(loaded)
     _refold(state, {layer for p in loaded for layer in p.layers}, gated=_any_gated(loaded))
     return model
+
+
+def _checked(patches: Iterable[PatchLike], arch: ModelArch, force: bool) -> list[Patch]:
+    """The patches loaded and each checked against the model (the fingerprint computed once)."""
+    loaded = [load_patch(p) for p in patches]
+    needs_fp = any(p.base_fingerprint is not None for p in loaded)
+    model_fp = fingerprint.compute(arch) if needs_fp else None
+    for patch in loaded:
+        check_compatible(patch, arch, model_fp, force)
+    return loaded
 
 
 def _refuse_per_row(state: _State | None, action: str) -> None:
@@ -236,12 +243,8 @@ def applied_per_row(
             "applied_per_row() needs a model without patches; remove(model) first "
             f"(applied: {[p.label for p in state.patches]})"
         )
-    loaded = [load_patch(p) for p in patches]
     arch = state.arch if state is not None else resolve(model)
-    needs_fp = any(p.base_fingerprint is not None for p in loaded)
-    model_fp = fingerprint.compute(arch) if needs_fp else None
-    for patch in loaded:
-        check_compatible(patch, arch, model_fp, force)
+    loaded = _checked(patches, arch, force)
     state = _State(arch, patches=loaded, per_row=True)
     model.__dict__[_STATE_ATTR] = state
     # the batch size of the pass under way, for architectures that flatten [B, T] (OPT)
