@@ -8,6 +8,7 @@ architecture, so only merge and PEFT export need the orientation.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,12 @@ def resolve(model: nn.Module) -> ModelArch:
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's (first) parameters live: where its inputs should go."""
     return next(model.parameters()).device
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of ``model.forward``'s key/value-cache argument: transformers 5.x renamed
+    ``past_key_values`` to ``cache`` (the output's attribute too)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def base_model_info(model: nn.Module) -> BaseModelInfo:

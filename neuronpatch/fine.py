@@ -12,7 +12,6 @@ The result is a Patch; the model itself is never modified.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fingerprint
-from .arch import ModelArch, base_model_info, device_of, resolve
+from .arch import ModelArch, base_model_info, cache_kwarg, device_of, resolve
 from .errors import InvalidHparamsError, InvalidRequestError
 from .patch import Patch
 from .request import EditRequest
@@ -824,9 +823,7 @@ def _optimise_batch(
 
     hp = jobs[0].hp
     device = jobs[0].tf.input_ids.device
-    # transformers 5.x renamed past_key_values to cache
-    parameters = inspect.signature(model.forward).parameters
-    cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+    cache_name = cache_kwarg(model)
     stop_nll = -math.log(hp.early_stop_prob)
     after_kl = bool(getattr(hp, "after_answer_kl", 0.0))
     lengths = [job.tf.input_ids.shape[1] for job in jobs]
@@ -905,7 +902,7 @@ def _optimise_batch(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 position_ids=inputs["position_ids"],
-                **{cache_kwarg: DynamicCache(cache, config=model.config) if cache else None},
+                **{cache_name: DynamicCache(cache, config=model.config) if cache else None},
                 use_cache=cache is not None,
             )
             # one row per job: unbind, as indexing row by row would back-propagate a full-size

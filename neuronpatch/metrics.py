@@ -6,7 +6,6 @@ teacher-forced argmax over answer positions, and seeded top-k generation for flu
 
 from __future__ import annotations
 
-import inspect
 import math
 import unicodedata
 from collections import Counter
@@ -15,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import device_of
+from .arch import cache_kwarg, device_of
 from .tokens import TeacherForced, teacher_forced
 
 # Two-sided 95% Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher
@@ -167,26 +166,10 @@ def sample_text(
 
     As ROME's and EasyEdit's fluency test generates: the length counts the prompt's tokens,
     an end-of-text token does not stop it, and the decoded text (prompt included) is
-    NFKD-normalised with blank lines turned into spaces.
+    NFKD-normalised with blank lines turned into spaces. ``sample_texts`` of a batch of one
+    (no padding: the plain one-row generation).
     """
-    device = device_of(model)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, P]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # transformers renamed past_key_values to cache (argument and output) in 5.x
-    cache_name = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
-    step_input, cache = ids, None
-    while ids.shape[1] < max_length:
-        out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
-        cache = getattr(out, cache_name)
-        probs = out.logits[0, -1].float().softmax(-1)  # [vocab]
-        top = probs.topk(top_k)
-        choice = torch.multinomial(top.values / top.values.sum(), 1, generator=generator)
-        step_input = top.indices[choice].view(1, 1)  # [1, 1]
-        ids = torch.cat([ids, step_input], dim=1)
-    text = tokenizer.decode(ids[0], skip_special_tokens=True)
-    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    return sample_texts(model, tokenizer, [prompt], seed, max_length, top_k)[0]
 
 
 @torch.no_grad()
@@ -218,9 +201,7 @@ def sample_texts(
         ids[row, width - len(e) :], mask[row, width - len(e) :] = e, 1
     ids, mask = ids.to(device), mask.to(device)
     generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
-    cache_name = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_name = cache_kwarg(model)
     steps = max_length - min(len(e) for e in encoded)  # rows with longer prompts stop sooner
     step_input, positions, cache, drawn = ids, (mask.cumsum(-1) - 1).clamp(min=0), None, []
     for _ in range(max(steps, 0)):
@@ -246,10 +227,16 @@ def sample_texts(
     new = torch.cat(drawn, dim=1) if drawn else ids[:, :0]  # [B, steps]
     texts = []
     for e, row in zip(encoded, new, strict=True):
-        full = torch.cat([e.to(device), row[: max(max_length - len(e), 0)]])
-        text = tokenizer.decode(full, skip_special_tokens=True)
-        texts.append(unicodedata.normalize("NFKD", text).replace("\n\n", " "))
+        texts.append(
+            _decoded(tokenizer, torch.cat([e.to(device), row[: max(max_length - len(e), 0)]]))
+        )
     return texts
+
+
+def _decoded(tokenizer, ids: torch.Tensor) -> str:
+    """A fluency sample's text as EasyEdit scores it: NFKD, blank lines turned into spaces."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
 def fluency(

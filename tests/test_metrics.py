@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 
 import pytest
 import torch
-from conftest import CharTokenizer, build_tiny
+from conftest import MODEL_TYPES, CharTokenizer, build_tiny
 
+from neuronpatch.arch import cache_kwarg
 from neuronpatch.metrics import (
     agreement,
     argmax_at_answers,
@@ -143,6 +145,34 @@ def test_sample_text_is_seeded_and_counts_the_prompt():
     assert len(text) == 11  # BOS (skipped) + 2 prompt chars + 9 sampled, one char per id
     samples = {sample_text(model, tok, "ab", seed=s, max_length=12) for s in range(5)}
     assert len(samples) > 1
+
+
+def _plain_top_k_sample(model, tok, prompt, seed, max_length, top_k=5):
+    """EasyEdit's fluency generation written out: one row, the model's own defaults for the
+    mask and positions, the cache carried along, top-k drawn from one seeded generator."""
+    ids = tok(prompt, return_tensors="pt").input_ids  # [1, P]
+    generator = torch.Generator().manual_seed(seed)
+    name = cache_kwarg(model)
+    step, cache = ids, None
+    with torch.no_grad():
+        while ids.shape[1] < max_length:
+            out = model(input_ids=step, use_cache=True, **{name: cache})
+            cache = getattr(out, name)
+            top = out.logits[0, -1].float().softmax(-1).topk(top_k)
+            choice = torch.multinomial(top.values / top.values.sum(), 1, generator=generator)
+            step = top.indices[choice].view(1, 1)  # [1, 1]
+            ids = torch.cat([ids, step], dim=1)
+    text = tok.decode(ids[0], skip_special_tokens=True)
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_sample_text_is_the_plain_generation(model_type):
+    # one prompt goes through the batched sampler (explicit mask and positions): the same draws
+    model, tok = build_tiny(model_type), CharTokenizer()
+    for prompt, seed in (("ab", 0), ("hello", 3), ("x", 7)):
+        expected = _plain_top_k_sample(model, tok, prompt, seed, 20)
+        assert sample_text(model, tok, prompt, seed=seed, max_length=20) == expected
 
 
 @pytest.mark.slow
