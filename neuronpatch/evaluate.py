@@ -18,7 +18,7 @@ import statistics
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -423,30 +423,11 @@ def _resume(
         keep = raw[: raw.rfind(b"\n") + 1]
         path.write_bytes(keep)
         raw = keep
-    done = {}
-    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{path}: line {line_no} is not JSON ({exc})") from exc
-        for key, value in config.items():
-            if result.get(key) != value:
-                raise EvaluationError(
-                    f"{path} holds results of another run: line {line_no} has {key}="
-                    f"{result.get(key)!r}, this run {value!r}. Use another output folder "
-                    "(or delete that file) to start afresh."
-                )
-        record = records.get(result.get("record_id"))
-        if record is not None and result.get("request") != record.request.to_dict():
-            raise EvaluationError(
-                f"{path}: line {line_no} is record {result['record_id']!r} of another data "
-                f"file: request {result.get('request')!r}, here {record.request.to_dict()!r}. "
-                "Use another output folder for another data file."
-            )
-        done[result["record_id"]] = result
-    return done
+    hint = "holds another run's results; use another output folder (or delete it) to start afresh"
+    return {
+        result["record_id"]: result
+        for result in _results(path, raw.decode("utf-8"), config, records, hint, lenient=False)
+    }
 
 
 def pre_samples_from(
@@ -477,32 +458,52 @@ def pre_samples_from(
         "fluency_length": fluency_length,
         "seed": seed,
     }
+    hint = (
+        "holds another run's pre-edit samples; give a run of the same model, seed and "
+        "fluency length, with fluency"
+    )
     by_id = {r.record_id: r for r in records}
-    texts = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    results = _results(path, path.read_text(encoding="utf-8"), wanted, by_id, hint, lenient=True)
+    return {
+        result["record_id"]: result["texts"]["pre"]
+        for result in results
+        if result["record_id"] in by_id and "pre" in result.get("texts", {})
+    }
+
+
+def _results(
+    path: Path,
+    text: str,
+    expected: Mapping[str, Any],
+    records: Mapping[str, EditRecord],
+    hint: str,
+    lenient: bool,
+) -> Iterator[dict[str, Any]]:
+    """The results in a ``records.jsonl`` text, each checked to have the ``expected`` values
+    and, for a record of ``records``, its request. ``lenient``: skip lines that are no JSON."""
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             result = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interruption: its record is sampled afresh
-        for key, value in wanted.items():
+        except json.JSONDecodeError as exc:
+            if lenient:  # a line cut short by an interruption: its record is done afresh
+                continue
+            raise EvaluationError(f"{path}: line {line_no} is not JSON ({exc})") from exc
+        for key, value in expected.items():
             if result.get(key) != value:
                 raise EvaluationError(
                     f"{path}: line {line_no} has {key}={result.get(key)!r}, this run "
-                    f"{value!r}: its pre-edit samples are not this run's. Give a run of the "
-                    "same model, seed and fluency length, with fluency."
+                    f"{value!r}: the file {hint}."
                 )
-        record = by_id.get(result.get("record_id"))
-        if record is None or "pre" not in result.get("texts", {}):
-            continue
-        if result.get("request") != record.request.to_dict():
+        record = records.get(result.get("record_id"))
+        if record is not None and result.get("request") != record.request.to_dict():
             raise EvaluationError(
                 f"{path}: line {line_no} is record {result['record_id']!r} of another data "
-                "file: its request differs from this one's. Give a run on the same data file."
+                f"file: request {result.get('request')!r}, here {record.request.to_dict()!r}. "
+                "Use the results of this data file."
             )
-        texts[record.record_id] = result["texts"]["pre"]
-    return texts
+        yield result
 
 
 # --- summary ---------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def test_resume_refuses_another_run(tiny, records, tmp_path):
         progress=False,
         fluency=False,
     )
-    with pytest.raises(EvaluationError, match="another run.*max_steps"):
+    with pytest.raises(EvaluationError, match="max_steps.*another run's results"):
         evaluate(
             model,
             tok,
@@ -443,12 +443,18 @@ def test_repeated_record_ids_are_refused(tiny, records):
         evaluate(model, tok, [records[0], records[0]], method="fine", hparams=FAST, progress=False)
 
 
-def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def eval_cli(tiny, records, tmp_path, monkeypatch):
+    """``neuronpatch eval``'s parser with the tiny model loaded, and the records' data file."""
     model, tok = tiny
-    data = tmp_path / "knowedit.json"  # written by the records fixture
     monkeypatch.setattr(neuronpatch.cli, "_load", lambda name, device=None: (model, tok))
     parser = argparse.ArgumentParser()
     add_eval_subparser(parser.add_subparsers(dest="command"))
+    return parser, tmp_path / "knowedit.json"  # written by the records fixture
+
+
+def test_eval_command(eval_cli, tmp_path, capsys):
+    parser, data = eval_cli
     args = parser.parse_args(
         [
             "eval",
@@ -472,12 +478,8 @@ def test_eval_command(tiny, records, tmp_path, monkeypatch, capsys):
     assert summary["n"] == 2 and summary["hparams"]["max_steps"] == 2 and not summary["fluency"]
 
 
-def test_eval_command_takes_pre_edit_samples(tiny, records, tmp_path, monkeypatch, capsys):
-    model, tok = tiny
-    data = tmp_path / "knowedit.json"  # written by the records fixture
-    monkeypatch.setattr(neuronpatch.cli, "_load", lambda name, device=None: (model, tok))
-    parser = argparse.ArgumentParser()
-    add_eval_subparser(parser.add_subparsers(dest="command"))
+def test_eval_command_takes_pre_edit_samples(eval_cli, tmp_path, capsys):
+    parser, data = eval_cli
     common = ["eval", "--data", str(data), "--n", "2", "--method", "fine"]
     common += ["--hparam", "max_steps=2", "--hparam", "frozen_layers=1"]
     args = parser.parse_args([*common, "-o", str(tmp_path / "a")])
