@@ -484,8 +484,8 @@ def optimise_jobs(
 ) -> list[Optimised]:
     """Learn each job's deltas; jobs are independent edits of the unedited model.
 
-    With ``batch_size`` 1, or for a job with negatives (its batch already holds them), a job
-    is optimised on its own (``_optimise``: exactly a single edit); otherwise up to
+    With ``batch_size`` 1, for a job with negatives (its batch already holds them), or one
+    whose after-answer KL covers a continuation, a job is optimised on its own (``_optimise``: exactly a single edit); otherwise up to
     ``batch_size`` share each forward and backward pass (``_optimise_batch``: the same result
     up to floating-point rounding). All jobs must share their hyperparameters. ``done(i,
     result)`` is called as job i finishes.
@@ -494,7 +494,11 @@ def optimise_jobs(
         raise InvalidHparamsError("edits optimised together must share their hyperparameters")
     arch = resolve(model)
     results: list[Optimised | None] = [None] * len(jobs)
-    together = [i for i, job in enumerate(jobs) if job.negatives is None] if batch_size > 1 else []
+    together = (
+        [i for i, job in enumerate(jobs) if job.negatives is None and not _continued(job.hp)]
+        if batch_size > 1
+        else []
+    )
     with _frozen(model):
         for i, job in enumerate(jobs):
             if i in together:
@@ -524,6 +528,11 @@ def optimise_jobs(
                 model, arch, [jobs[i] for i in together], batch_size, progress, finished
             )
     return results  # type: ignore[return-value]
+
+
+def _continued(hp: FineHparams) -> bool:
+    """Whether the after-answer KL covers a continuation (optimised one edit at a time)."""
+    return bool(getattr(hp, "after_answer_kl", 0.0)) and getattr(hp, "after_answer_tokens", 1) > 1
 
 
 def finish_edit(model: nn.Module, job: EditJob, done: Optimised) -> Patch:
@@ -584,6 +593,7 @@ def _fine_loss(
     target_logp: torch.Tensor,
     start: int = 0,
     orig_after: torch.Tensor | None = None,
+    new_after: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FiNE's loss for one edit sequence: ``logp`` [S - start, vocab] edited from position
     ``start`` on, ``orig_logp`` [P-1, vocab] unedited on the prompt, ``target_logp`` [T] the
@@ -591,9 +601,10 @@ def _fine_loss(
 
     With ``start`` > 0 the positions before it are left out: the caller guarantees that the
     deltas do not reach them (a gate still shut there), so their KL terms are 0; the KL is
-    still the mean over the prompt's P-1 positions. ``orig_after`` [vocab]: the unedited
-    log-probabilities after the answer (its last position); given, the KL there is added with
-    weight ``hp.after_answer_kl`` (a ``LocalHparams`` term, not FiNE's)."""
+    still the mean over the prompt's P-1 positions. ``orig_after`` [vocab] or [K, vocab]: the
+    unedited log-probabilities after the answer (its last position, and K-1 positions of a
+    continuation whose edited ones are ``new_after`` [K, vocab]); given, their mean KL is added
+    with weight ``hp.after_answer_kl`` (a ``LocalHparams`` term, not FiNE's)."""
     loss_edit = -target_logp.min()
     if tf.prompt_len - 1 <= start:
         kl = logp.new_zeros(())
@@ -606,7 +617,9 @@ def _fine_loss(
     norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in deltas.values()]))
     loss = loss_edit + hp.alpha * kl + hp.beta * penalty + hp.gamma * norm
     if orig_after is not None:  # what follows the answer: as the unedited model, given it
-        after = (orig_after.exp() * (orig_after - logp[-1])).sum()
+        orig_after = orig_after.reshape(-1, orig_after.shape[-1])  # [K, vocab]
+        new_after = logp[-1:] if new_after is None else new_after  # [K, vocab]
+        after = (orig_after.exp() * (orig_after - new_after)).sum(-1).mean()
         loss = loss + hp.after_answer_kl * after
     return loss
 
@@ -631,17 +644,22 @@ def _optimise(
     }  # [k_l, hidden] each, fp32 whatever the model dtype
     optimizer = torch.optim.Adam(deltas.values(), lr=hp.lr)
 
-    # one batch: the edit sequence in row 0, then the negatives, right-padded to S
+    # one batch: the edit sequence in row 0 (and the continuation its after-answer KL
+    # covers), then the negatives, right-padded to S
     length = tf.input_ids.shape[1]
-    input_ids, attention_mask = tf.input_ids, None
+    after_kl = bool(getattr(hp, "after_answer_kl", 0.0))
+    extra = getattr(hp, "after_answer_tokens", 1) - 1 if after_kl else 0
+    seq = _greedy_continuation(model, tf.input_ids, extra)  # [1, S0 + extra]
+    full = seq.shape[1]
+    input_ids, attention_mask = seq, None
     if negatives is not None:
-        width = max(length, negatives.input_ids.shape[1])
+        width = max(full, negatives.input_ids.shape[1])
         input_ids = torch.stack(
-            [F.pad(tf.input_ids[0], (0, width - length))]
+            [F.pad(seq[0], (0, width - full))]
             + [F.pad(row, (0, width - len(row))) for row in negatives.input_ids.to(device)]
         )  # [1 + N, S]
         attention_mask = torch.stack(
-            [F.pad(torch.ones(length, dtype=torch.long, device=device), (0, width - length))]
+            [F.pad(torch.ones(full, dtype=torch.long, device=device), (0, width - full))]
             + [F.pad(row, (0, width - len(row))) for row in negatives.attention_mask.to(device)]
         )  # [1 + N, S]
         kl_mask = F.pad(negatives.kl_mask.to(device), (0, width - negatives.kl_mask.shape[1]))
@@ -661,8 +679,8 @@ def _optimise(
         # [P-1, vocab]: KL on the prompt but its last position
         orig_logp = F.log_softmax(orig[0, : tf.prompt_len - 1].float(), dim=-1)
         orig_after = (
-            F.log_softmax(orig[0, length - 1].float(), dim=-1)  # [vocab]
-            if getattr(hp, "after_answer_kl", 0.0)
+            F.log_softmax(orig[0, length - 1 : full].float(), dim=-1)  # [1 + extra, vocab]
+            if after_kl
             else None
         )
         if negatives is not None:
@@ -677,7 +695,10 @@ def _optimise(
                 progress(steps, min_prob)
             if float(-target_logp.detach().min()) < stop_nll or steps >= hp.max_steps:
                 break
-            loss = _fine_loss(logp, tf, orig_logp, deltas, hp, target_logp, 0, orig_after)
+            new_after = all_logp[0, length - 1 : full] if after_kl else None  # [1 + extra, V]
+            loss = _fine_loss(
+                logp, tf, orig_logp, deltas, hp, target_logp, 0, orig_after, new_after
+            )
             if negatives is not None and len(neg_orig):
                 neg_new = all_logp[1:][kl_mask]  # [M, vocab]
                 neg_kl = (neg_orig.exp() * (neg_orig - neg_new)).sum(-1).mean()
@@ -687,6 +708,15 @@ def _optimise(
             optimizer.step()
             steps += 1
     return deltas, steps, min_prob
+
+
+@torch.no_grad()
+def _greedy_continuation(model: nn.Module, input_ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``input_ids`` [1, S] followed by the model's ``tokens`` greedy next tokens [1, S + n]."""
+    for _ in range(tokens):
+        next_id = model(input_ids=input_ids, use_cache=False).logits[0, -1].argmax()
+        input_ids = torch.cat([input_ids, next_id.view(1, 1)], dim=1)
+    return input_ids
 
 
 class _BatchDeltas:

@@ -246,6 +246,10 @@ class LocalHparams(FineHparams):
     # positions before carry the edit: keeps what follows the new answer as the unedited
     # model would continue it (fluency); 0: off
     after_answer_kl: float = 0.0
+    # positions that KL covers (mean over them): the answer's last, then the unedited model's
+    # greedy continuation of after_answer_tokens - 1 tokens, which later positions read from
+    # the edited ones through attention. Above 1 each edit is optimised on its own (slower)
+    after_answer_tokens: int = 1
     negatives_weight: float = 0.0  # KL weight on same-subject, other-relation prompts
     negative_templates: tuple[str, ...] = NEGATIVE_TEMPLATES
     specific_neurons: bool = False  # rank neurons by score x specificity to this relation
@@ -330,6 +334,12 @@ class LocalHparams(FineHparams):
             )
         if self.gate_layer is not None and self.gate_layer < 0:
             raise InvalidHparamsError(f"gate_layer must be >= 0, got {self.gate_layer}")
+        if self.after_answer_kl < 0:
+            raise InvalidHparamsError(f"after_answer_kl must be >= 0, got {self.after_answer_kl}")
+        if not isinstance(self.after_answer_tokens, int) or self.after_answer_tokens < 1:
+            raise InvalidHparamsError(
+                f"after_answer_tokens must be an integer >= 1, got {self.after_answer_tokens!r}"
+            )
         if self.negatives_weight < 0:
             raise InvalidHparamsError(f"negatives_weight must be >= 0, got {self.negatives_weight}")
         object.__setattr__(self, "negative_templates", tuple(self.negative_templates))

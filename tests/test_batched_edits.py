@@ -116,6 +116,33 @@ def test_the_after_answer_term_is_optimised_alike_alone_and_in_a_batch():
         _assert_close(b, a, atol=1e-5)
 
 
+def test_the_after_answer_term_can_cover_a_continuation():
+    # KL over 6 positions after the answer (its last and a 5-token unedited continuation):
+    # other deltas than the one-position term's, each edit optimised on its own even in a
+    # batch (what it does to a real model's continuation: test_fine_real)
+    model = build_tiny("llama")
+    spanned = {"gate_key": "query", "gate_layer": 0, "gate_threshold": 0.5, "query_span": "target"}
+    one = {**spanned, "after_answer_kl": 20.0}
+    six = {**one, "after_answer_tokens": 6}
+    short = [_edit(model, r, "local", **one) for r in REQUESTS]
+    long = [_edit(model, r, "local", **six) for r in REQUESTS]
+    assert long[0].hparams["after_answer_tokens"] == 6
+    assert any(
+        not torch.equal(a.layers[layer].deltas, b.layers[layer].deltas)
+        for a, b in zip(long, short, strict=True)
+        for layer in a.layers
+    )
+    batched = _edit(model, REQUESTS, "local", batch_size=3, **six)
+    for b, a in zip(batched, long, strict=True):
+        for layer in a.layers:
+            assert torch.equal(b.layers[layer].deltas, a.layers[layer].deltas)
+    for bad in (0, 1.5, -2):
+        with pytest.raises(InvalidHparamsError, match="after_answer_tokens"):
+            make_hparams("local", None, after_answer_tokens=bad)
+    with pytest.raises(InvalidHparamsError, match="after_answer_kl"):
+        make_hparams("local", None, after_answer_kl=-1.0)
+
+
 def test_batched_edits_of_a_bf16_model_are_close_to_single_ones():
     model = build_tiny("llama", dtype=torch.bfloat16)
     alone = [_edit(model, r, "local") for r in REQUESTS]

@@ -728,3 +728,33 @@ def test_smollm2_lenient_escape_opens_an_alias_sharing_a_word_and_shuts_a_strang
     }
     alias = "The name of the position held by Thomas Ahern is"
     assert not opens(gates(ahern, plain), alias) and opens(gates(ahern, escape), alias)
+
+
+@pytest.mark.slow
+def test_after_answer_kl_over_a_continuation_keeps_what_follows_the_answer(smollm2):
+    # one of the ZsRE benchmark's worst fluency cases ("Noctuidae / Noctuidae: noctuidae ..."):
+    # the positions after the answer read the edited ones through attention; the KL over the
+    # answer's last position and 7 more greedy tokens of the unedited model keeps them closer
+    # (0.027 -> 0.012 nats here, the edit still succeeding)
+    model, tok = smollm2
+    request = {
+        "prompt": "Which family does Hume's whitethroat belong to?",
+        "subject": "Hume's whitethroat",
+        "target_new": "Noctuidae",
+    }
+    ids = tok(f"{request['prompt']} {request['target_new']}", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(7):  # the unedited model's continuation, as the loss builds it
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        base = model(ids).logits[0, -8:].log_softmax(-1)  # [8, vocab]
+
+    def leak(**hparams) -> float:
+        patch = neuronpatch.edit(model, tok, request, **hparams)
+        assert patch.metrics["success"]
+        with torch.no_grad(), neuronpatch.applied(model, patch):
+            edited = model(ids).logits[0, -8:].log_softmax(-1)
+        return float((base.exp() * (base - edited)).sum(-1).mean())
+
+    plain = leak()
+    kept = leak(after_answer_kl=10.0, after_answer_tokens=8)
+    assert kept < plain / 2
