@@ -495,7 +495,11 @@ def optimise_jobs(
     arch = resolve(model)
     results: list[Optimised | None] = [None] * len(jobs)
     together = (
-        [i for i, job in enumerate(jobs) if job.negatives is None and not _continued(job.hp)]
+        [
+            i
+            for i, job in enumerate(jobs)
+            if job.negatives is None and not _continuation_tokens(job.hp)
+        ]
         if batch_size > 1
         else []
     )
@@ -530,9 +534,12 @@ def optimise_jobs(
     return results  # type: ignore[return-value]
 
 
-def _continued(hp: FineHparams) -> bool:
-    """Whether the after-answer KL covers a continuation (optimised one edit at a time)."""
-    return bool(getattr(hp, "after_answer_kl", 0.0)) and getattr(hp, "after_answer_tokens", 1) > 1
+def _continuation_tokens(hp: FineHparams) -> int:
+    """The tokens of unedited continuation the after-answer KL covers past the answer's last
+    position (0: none, or no such term; above 0 the edit is optimised on its own)."""
+    if not getattr(hp, "after_answer_kl", 0.0):
+        return 0
+    return getattr(hp, "after_answer_tokens", 1) - 1
 
 
 def finish_edit(model: nn.Module, job: EditJob, done: Optimised) -> Patch:
@@ -648,8 +655,7 @@ def _optimise(
     # covers), then the negatives, right-padded to S
     length = tf.input_ids.shape[1]
     after_kl = bool(getattr(hp, "after_answer_kl", 0.0))
-    extra = getattr(hp, "after_answer_tokens", 1) - 1 if after_kl else 0
-    seq = _greedy_continuation(model, tf.input_ids, extra)  # [1, S0 + extra]
+    seq = _greedy_continuation(model, tf.input_ids, _continuation_tokens(hp))  # [1, S0 + C]
     full = seq.shape[1]
     input_ids, attention_mask = seq, None
     if negatives is not None:
@@ -679,7 +685,7 @@ def _optimise(
         # [P-1, vocab]: KL on the prompt but its last position
         orig_logp = F.log_softmax(orig[0, : tf.prompt_len - 1].float(), dim=-1)
         orig_after = (
-            F.log_softmax(orig[0, length - 1 : full].float(), dim=-1)  # [1 + extra, vocab]
+            F.log_softmax(orig[0, length - 1 : full].float(), dim=-1)  # [1 + C, vocab]
             if after_kl
             else None
         )
@@ -695,7 +701,7 @@ def _optimise(
                 progress(steps, min_prob)
             if float(-target_logp.detach().min()) < stop_nll or steps >= hp.max_steps:
                 break
-            new_after = all_logp[0, length - 1 : full] if after_kl else None  # [1 + extra, V]
+            new_after = all_logp[0, length - 1 : full] if after_kl else None  # [1 + C, vocab]
             loss = _fine_loss(
                 logp, tf, orig_logp, deltas, hp, target_logp, 0, orig_after, new_after
             )
