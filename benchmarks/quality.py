@@ -208,7 +208,7 @@ COLUMNS = [
     ("locality.Relation_Specificity", "RSA"),
     ("locality.Forgetfulness", "FA"),
     ("locality.Neighborhood", "Neighb."),
-    ("fluency", "Fluency"),  # last: its post-edit cell also shows the change from pre-edit
+    ("fluency", "Fluency"),  # its post-edit cell also shows the change from pre-edit
 ]
 # FiNE paper, WikiData_counterfact test split (DESIGN.md): Edit, SAA, LGA, RA, RSA, FA, Fluency
 PAPER = {
@@ -385,14 +385,14 @@ def collate() -> None:
             ]
             listed = set()
             for label, s in pre:
+                cells = [_cell(s["metrics"].get(k), pre=True) for k, _ in COLUMNS]
                 # rows of the same records and figures (samples reused, say) listed once
-                key = (s["n"], *(_cell(s["metrics"].get(k), pre=True) for k, _ in COLUMNS))
-                if key in listed:
+                if (s["n"], *cells) in listed:
                     continue
-                listed.add(key)
+                listed.add((s["n"], *cells))
                 lines.append(
                     f"| {model} | {dataset} | {label} | {s['n']} | "
-                    + " | ".join(_cell(s["metrics"].get(k), pre=True) for k, _ in COLUMNS)
+                    + " | ".join(cells)
                     + " | | | | | |"
                 )
             for variant, s in runs:
@@ -400,8 +400,10 @@ def collate() -> None:
                 metrics = s["metrics"]
                 lines.append(
                     f"| {model} | {dataset} | {variant} | {s['n']} | "
-                    + " | ".join(_cell(metrics.get(k)) for k, _ in COLUMNS[:-1])
-                    + f" | {_fluency_cell(metrics.get('fluency'))}"
+                    + " | ".join(
+                        _fluency_cell(metrics.get(k)) if k == "fluency" else _cell(metrics.get(k))
+                        for k, _ in COLUMNS
+                    )
                     + f" | {_speed(s)} | {s['params_per_edit_mean']:,.0f}"
                     + f" | {s['patch_bytes_mean']:,.0f} | {_number(s.get('peak_rss_mib'))}"
                     + f" | {_device(s)} |"
