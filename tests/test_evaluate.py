@@ -435,6 +435,12 @@ def test_pre_edit_samples_of_another_run_are_refused(tiny, records, tmp_path):
     evaluate(model, tok, records[:1], out_dir=tmp_path / "n", fluency=False, **kwargs)
     with pytest.raises(EvaluationError, match="fluency=False"):
         pre_samples_from(tmp_path / "n", model, records, fluency_length=24)
+    # the bare model's samples do not describe a patched model
+    pre = pre_samples_from(tmp_path / "a", model, records, fluency_length=24)
+    patch = neuronpatch.edit(model, tok, records[1].request, method="fine", **FAST)
+    with neuronpatch.applied(model, patch), pytest.raises(EvaluationError, match="patches applied"):
+        evaluate(model, tok, records, pre_texts=pre, out_dir=tmp_path / "p", **kwargs)
+    assert not (tmp_path / "p" / "records.jsonl").exists()
 
 
 def test_repeated_record_ids_are_refused(tiny, records):
