@@ -90,7 +90,7 @@ VARIANTS = {
         "local",
         {**BOTH_LAYER1, "subject_layer": 4, "subject_threshold": 0.75},
     ),
-    # calibrated on the list alone: same-kind neighbours open it (README)
+    # calibrated on the list alone: same-kind neighbours open it (docs/local.md)
     "local: calibrated layer-4 subject + query gate, lr 1e-2": (
         "local",
         {**BOTH_LAYER1, "subject_threshold": "calibrated", "subject_layer": 4},
@@ -136,7 +136,7 @@ VARIANTS = {
         {**CALIBRATED_WITH_NEIGHBOURS, "gate_threshold": "calibrated"},
     ),
     # the subject threshold calibrated with a smaller margin over its calibration prompts
-    # (gate-only: benchmarks/results/gate_chain_*.md); measured, not taken (README)
+    # (gate-only: benchmarks/results/gate_chain_*.md); measured, not taken (docs/local.md)
     "local: default + calibrated query threshold + subject margin 0": (
         "local",
         {**MODEL_DEFAULT, "gate_threshold": "calibrated", "subject_margin": 0.0},

@@ -79,7 +79,7 @@ switchable in ``LocalHparams`` so its effect can be measured:
 
 The optimisation is FiNE's otherwise (same losses, steps, early stop, seed), at lr 1e-2
 (FiNE's measured default; the subject-gate variants were measured at 5e-3). Edit quality of
-every variant: README, "Edits that stay local", and ``benchmarks/results/quality.md``.
+every variant: docs/local.md and ``benchmarks/results/quality.md``.
 """
 
 from __future__ import annotations
@@ -167,11 +167,11 @@ QUERY_THRESHOLD = 0.9  # a query gate's fixed threshold
 # ``query_cap`` (QUERY_FLOOR and QUERY_CAP by default; see calibrated_query_threshold)
 QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # (model_type, layers, hidden size) -> what "auto" means for that model, where measured to
-# help (README, "Edits that stay local"); other models: a fixed query threshold, no wording
+# help (docs/local.md); other models: a fixed query threshold, no wording
 # gate. gemma3-270m: a wording gate at layer 4 (WikiData_cf FA 59.9 -> 96.3 at n=300, SAA and
 # RSA unchanged) and, with it, the query threshold calibrated per edit (n=300: ZsRE SAA 47.6 ->
 # 58.7 and rephrase 84.4 -> 91.7, WikiData_cf SAA 91.6 -> 92.9, at a cost: RSA 95.0 -> 94.0,
-# CounterFact neighbourhood 89.0 -> 87.7; README); without the wording gate it had opened
+# CounterFact neighbourhood 89.0 -> 87.7; docs/local.md); without the wording gate it had opened
 # the query gate on the subject's other relations; and the word escape (strict_margin 0.1,
 # n=300: CounterFact neighbourhood 87.7 -> 93.3, at WikiData_cf SAA 92.9 -> 92.0 and ZsRE SAA
 # 58.7 -> 56.6, RSA, FA and rephrase unchanged, patches ~40 % larger; gate-only held-out
@@ -180,7 +180,7 @@ QUERY_FLOOR, QUERY_CAP = 0.85, 0.9
 # of alias prompts open, RSA and FA prompts unchanged); its best wording layer (2, at 0.95)
 # would cost aliases more than it gains. A smaller subject margin (0.005) was measured and
 # not taken: SAA 91.9 -> 92.5 on WikiData_cf, but it opens neighbourhood prompts
-# ("The mother tongue of Angela Merkel is" for Danielle Darrieux's; README).
+# ("The mother tongue of Angela Merkel is" for Danielle Darrieux's; docs/local.md).
 MEASURED: dict[tuple[str, int, int], dict[str, Any]] = {
     ("gemma3_text", 18, 640): {
         "wording_layer": 4,
@@ -196,7 +196,7 @@ _STOPWORDS = {"the", "of", "is", "was", "in", "by", "a", "an", "name", "to", "wh
 class LocalHparams(FineHparams):
     """FiNE's hyperparameters plus the gate and the locality term (see the module docstring)."""
 
-    lr: float = 1e-2  # measured with the query gates (README); the subject-gate rows at 5e-3
+    lr: float = 1e-2  # measured with the query gates (docs/local.md); the subject-gate rows at 5e-3
     gate: bool = True
     gate_key: str = "both"  # "subject", "query" or "both" (see the module docstring)
     # the gate reads the residual stream this decoder layer outputs (None: 1 for a subject key,
@@ -224,14 +224,14 @@ class LocalHparams(FineHparams):
     wording_layer: int | str | None = AUTO
     wording_threshold: float = 0.88
     # gate_threshold="calibrated": the highest threshold calibration may set. Higher shuts
-    # more Forgetfulness prompts and some aliases (README, "Edits that stay local")
+    # more Forgetfulness prompts and some aliases (docs/local.md)
     query_cap: float = QUERY_CAP
     # gate_threshold="calibrated": the lowest threshold calibration may set. Lower opens more
     # reworded questions and aliases (ZsRE) and more of the subject's other relations and
-    # of other subjects' same question (README, "Edits that stay local")
+    # of other subjects' same question (docs/local.md)
     query_floor: float = QUERY_FLOOR
     # subject_threshold="calibrated": how far above the highest calibration cosine. Lower
-    # opens more aliases and more same-kind neighbours (README, "Edits that stay local");
+    # opens more aliases and more same-kind neighbours (docs/local.md);
     # below 0 (some calibration prompts pass) only with strict_margin, which shuts them again
     # unless they share a subject word
     subject_margin: float = CALIBRATION_MARGIN
@@ -239,7 +239,7 @@ class LocalHparams(FineHparams):
     # must clear unless the input holds one of the subject's words (a word gate at layer
     # WORD_LAYER opens; None: no such escape, the subject gate at subject_margin alone). Shuts
     # same-kind subjects that only just pass ("Lanciano" for "Gazzola") and keeps aliases that
-    # share a word ("F Ortis" for "Fernanda Ortis"); see make_gates and the README ("auto":
+    # share a word ("F Ortis" for "Fernanda Ortis"); see make_gates and docs/local.md ("auto":
     # as MEASURED for this model, else None)
     strict_margin: float | str | None = AUTO
     # KL weight at the position after the answer, where the span has shut the gate but the
@@ -675,7 +675,7 @@ def calibrated_threshold(
     83.3 % of alias prompts and shut on 71.7 / 75.0 / 91.7 % of neighbourhood prompts, and
     0.02 shuts "The mother tongue of Angela Merkel is" (0.405) for an edit of Danielle
     Darrieux's (calibrated at 0.399). ``LocalHparams.subject_margin`` sets it; smaller ones,
-    measured on more records, are in the README ("Edits that stay local")."""
+    measured on more records, are in docs/local.md."""
     texts = other_subject_prompts(request, extra)
     if not texts:
         return CALIBRATION_FLOOR
