@@ -154,13 +154,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raised = g < len(original) and original[g] != gate.threshold
         print(
             f"  gate {g}   {gate.kind}: open "
-            + ("from the first" if gate.span is None else f"for {gate.span} positions from each")
-            + f" position whose residual after layer {gate.layer} has cosine > {gate.threshold}"
+            + (
+                "from the first"
+                if gate.span is None
+                else f"for {gate.span} position{'s' * (gate.span != 1)} from each"
+            )
+            + f" position whose residual after layer {gate.layer} has cosine > {gate.threshold:.4f}"
             + " with the key"
             + (f", or wherever gate {' or '.join(map(str, gate.any_of))} is" if gate.any_of else "")
             + ("" if gate.requires is None else f", where gate {gate.requires} is open too")
             + (
-                f" (raised from {original[g]} by stack calibration against "
+                f" (raised from {original[g]:.4f} by stack calibration against "
                 f"{calibration.get('edits')} edits)"
                 if raised
                 else ""

@@ -128,7 +128,9 @@ def test_inspect_says_which_thresholds_stack_calibration_raised(llama, tmp_path,
         assert main(["inspect", str(path), "--no-model"]) == 0
         text = capsys.readouterr().out
         raised = new.gates[0].threshold > old.gates[0].threshold
-        assert (f"(raised from {THRESHOLD} by stack calibration against 3 edits)" in text) == raised
+        assert (
+            f"(raised from {THRESHOLD:.4f} by stack calibration against 3 edits)" in text
+        ) == raised
 
 
 def test_prompts_naming_the_gates_own_subject_do_not_raise_it(llama):

@@ -588,7 +588,9 @@ def test_inspect_shows_the_gate(tmp_path, capsys):
 
     path = tiny_edit(build_tiny("llama")).save(tmp_path / "g.safetensors")
     assert main(["inspect", str(path), "--no-model"]) == 0
-    assert "gate 0   subject: open from the first position" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "gate 0   subject: open from the first position" in text
+    assert "has cosine > 0.7500 with the key" in text  # thresholds to 4 places (exact: --json)
     assert main(["inspect", str(path), "--no-model", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["gates"] == [{"kind": "subject", "layer": 0, "threshold": 0.75}]
