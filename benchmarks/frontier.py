@@ -95,61 +95,117 @@ def write_markdown(pts: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def category(series: str) -> str:
+    """Which family a run belongs to, for the plot: what it is drawn as and whether labelled."""
+    if series == "FiNE lr sweep":
+        return "sweep"
+    if series == "FiNE":
+        return "fine"
+    if series.startswith("FiNE,"):
+        return "ablation"
+    if series.startswith("KNE"):
+        return "kne"
+    if series == "default, with fluency":
+        return "default"
+    return "other"
+
+
+# category -> (marker, colour, size, legend label); "other" rows are drawn small and unlabelled
+STYLE = {
+    "fine": ("s", "black", 7, "plain FiNE (paper's method), n = 300"),
+    "ablation": ("^", "tab:gray", 6, "FiNE ablations (random neurons, no freezing, k)"),
+    "kne": ("D", "tab:purple", 6, "KNE"),
+    "default": ("*", "tab:green", 14, "default (gated), n = 300"),
+    "other": ("o", "tab:blue", 4, "other gated variants (docs/local.md)"),
+}
+
+
+def _short(series: str) -> str:
+    return series.removeprefix("FiNE, ").removeprefix("default, with fluency").strip() or "default"
+
+
 def plot(pts: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    # the plots above, each panel's legend (one entry per row of quality.md) below it
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(7.5 * len(PANELS), 11))
-    series = sorted({p["series"] for p in pts if p["series"] != "FiNE lr sweep"})
-    shapes = "osD^v<>pPX*h8"
-    markers = {
-        name: shapes[i % len(shapes)] for i, name in enumerate(series)
-    }  # more rows than shapes
-    colours = {"smollm2-135m": "tab:blue", "gemma3-270m": "tab:orange"}
-    for ax, (_, _, _, panel) in zip(axes, PANELS, strict=True):
-        here = [p for p in pts if p["panel"] == panel]
-        ax.axvspan(LOCALITY_TARGET, 101, ymin=0, ymax=1, color="tab:green", alpha=0.06)
-        ax.axhline(EDIT_TARGET, color="tab:green", linewidth=0.8, linestyle="--")
-        ax.axvline(LOCALITY_TARGET, color="tab:green", linewidth=0.8, linestyle="--")
-        for model, colour in colours.items():
+    models = [m for m in ("smollm2-135m", "gemma3-270m") if any(p["model"] == m for p in pts)]
+    fig, axes = plt.subplots(
+        len(models), len(PANELS), figsize=(6.5 * len(PANELS), 5.2 * len(models)), squeeze=False
+    )
+    for row, model in enumerate(models):
+        for ax, (_, _, _, panel) in zip(axes[row], PANELS, strict=True):
+            here = [p for p in pts if p["panel"] == panel and p["model"] == model]
+            ax.axvspan(LOCALITY_TARGET, 101, color="tab:green", alpha=0.07)
+            ax.axhline(EDIT_TARGET, color="tab:green", linewidth=0.8, linestyle="--")
+            ax.axvline(LOCALITY_TARGET, color="tab:green", linewidth=0.8, linestyle="--")
             sweep = sorted(
-                (p for p in here if p["model"] == model and p["series"] == "FiNE lr sweep"),
-                key=lambda p: p["label"],
+                (p for p in here if category(p["series"]) == "sweep"), key=lambda p: p["label"]
             )
             if sweep:
                 xs = [p["locality"]["mean"] for p in sweep]
                 ys = [p["edit"]["mean"] for p in sweep]
-                ax.plot(xs, ys, "-", color=colour, alpha=0.5, label=f"{model}: FiNE lr sweep")
+                ax.plot(xs, ys, "-o", color="tab:red", markersize=3, alpha=0.7)
                 for p, x, y in zip(sweep, xs, ys, strict=True):
                     ax.annotate(
-                        p["label"], (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points"
+                        p["label"], (x, y), fontsize=7, xytext=(4, -9), textcoords="offset points"
                     )
-            for p in here:
-                if p["model"] != model or p["series"] == "FiNE lr sweep":
+            # "other" first, so the named runs are drawn on top
+            labelled = []
+            for p in sorted(here, key=lambda p: category(p["series"]) != "other"):
+                cat = category(p["series"])
+                if cat == "sweep":
                     continue
+                marker, colour, size, _ = STYLE[cat]
                 x, y = p["locality"], p["edit"]
                 ax.errorbar(
                     x["mean"],
                     y["mean"],
                     xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
                     yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
-                    fmt=markers[p["series"]],
+                    fmt=marker,
                     color=colour,
-                    alpha=0.8,
-                    capsize=2,
-                    label=f"{model}: {p['series']}",
+                    markersize=size,
+                    alpha=0.35 if cat == "other" else 0.9,
+                    elinewidth=0.6 if cat == "other" else 1.0,
+                    capsize=0 if cat == "other" else 2,
                 )
-        ax.set_xlabel(f"{panel} (post-edit, %)")
-        ax.set_ylabel("Edit Succ (%)")
-        ax.set_xlim(0, 101)
-        ax.set_ylim(0, 101)
-        ax.set_title(panel)
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1)
-    fig.suptitle("Edit success against locality (target: above and right of the dashed lines)")
-    fig.tight_layout()
+                if cat in ("ablation", "kne", "default"):
+                    labelled.append((x["mean"], y["mean"], _short(p["series"]), cat))
+            # many runs sit at Edit 100: stagger their labels above and below, left to right
+            offsets = ((4, 6), (4, -12), (4, 16), (4, -22))
+            for i, (x, y, text, cat) in enumerate(sorted(labelled)):
+                ax.annotate(
+                    text,
+                    (x, y),
+                    fontsize=7,
+                    xytext=offsets[i % len(offsets)],
+                    textcoords="offset points",
+                    color={"ablation": "dimgray"}.get(cat, STYLE[cat][1]),
+                    arrowprops=dict(arrowstyle="-", color="lightgray", linewidth=0.5),
+                )
+            ax.set_xlim(0, 101)
+            ax.set_ylim(0, 110)
+            ax.set_yticks(range(0, 101, 20))
+            ax.set_xlabel(f"{panel}, post-edit (%)")
+            ax.set_ylabel("Edit Succ (%)")
+            ax.set_title(f"{model}: {panel}", fontsize=10)
+    handles = [
+        Line2D(
+            [], [], color="tab:red", marker="o", markersize=3, label="plain FiNE, lr sweep (n = 30)"
+        )
+    ] + [
+        Line2D([], [], linestyle="", marker=m, color=c, markersize=min(s, 9), label=label)
+        for m, c, s, label in STYLE.values()
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(
+        "Edit success against locality, 95 % CIs (target: the shaded corner, "
+        f"Edit >= {EDIT_TARGET:g} and locality >= {LOCALITY_TARGET:g})"
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=120)
 
 
