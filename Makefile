@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuronpatch-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench collate clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benchmarks/runtime_overhead.py
+
+# rebuild the collated tables and plots from the stored results (seconds; nothing is rerun)
+collate: setup
+	$(BIN)/python benchmarks/quality.py --collate-only
+	$(BIN)/python benchmarks/frontier.py
+	$(BIN)/python benchmarks/stacked_compare.py
+	$(BIN)/python benchmarks/neuron_layers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
