@@ -484,11 +484,12 @@ def optimise_jobs(
 ) -> list[Optimised]:
     """Learn each job's deltas; jobs are independent edits of the unedited model.
 
-    With ``batch_size`` 1, for a job with negatives (its batch already holds them), or one
-    whose after-answer KL covers a continuation, a job is optimised on its own (``_optimise``: exactly a single edit); otherwise up to
-    ``batch_size`` share each forward and backward pass (``_optimise_batch``: the same result
-    up to floating-point rounding). All jobs must share their hyperparameters. ``done(i,
-    result)`` is called as job i finishes.
+    With ``batch_size`` 1, for a job with negatives (its batch already holds them), or for
+    one whose after-answer KL covers a continuation, a job is optimised on its own
+    (``_optimise``: exactly a single edit); otherwise up to ``batch_size`` share each forward
+    and backward pass (``_optimise_batch``: the same result up to floating-point rounding).
+    All jobs must share their hyperparameters. ``done(i, result)`` is called as job i
+    finishes.
     """
     if len({job.hp for job in jobs}) > 1:
         raise InvalidHparamsError("edits optimised together must share their hyperparameters")
